@@ -1,0 +1,28 @@
+-- The Todo API's tables, applied on every start: IF NOT EXISTS keeps the data.
+-- AUTOINCREMENT never hands out an id twice, so a deleted user's token stays dead.
+
+CREATE TABLE IF NOT EXISTS user (
+  id INTEGER PRIMARY KEY AUTOINCREMENT,
+  email TEXT NOT NULL UNIQUE COLLATE NOCASE,
+  password_hash TEXT NOT NULL,
+  created_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
+);
+
+CREATE TABLE IF NOT EXISTS task (
+  id INTEGER PRIMARY KEY AUTOINCREMENT,
+  owner_id INTEGER NOT NULL REFERENCES user (id) ON DELETE CASCADE,
+  title TEXT NOT NULL,
+  description TEXT,
+  done INTEGER NOT NULL DEFAULT 0 CHECK (done IN (0, 1)),
+  due_date TEXT CHECK (due_date IS date(due_date)),
+  created_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
+);
+
+-- Every task query filters by owner; this index serves it in id order.
+CREATE INDEX IF NOT EXISTS task_owner_id ON task (owner_id, id);
+
+-- The signing key made when APP_SECRET_KEY is unset: one row, shared by every worker.
+CREATE TABLE IF NOT EXISTS signing_key (
+  id INTEGER PRIMARY KEY CHECK (id = 1),
+  secret TEXT NOT NULL
+);
