@@ -1,0 +1,784 @@
+"""The Todo API's tests: every rule of the contract, asserted as a user sees it."""
+
+import importlib.util
+import re
+import sqlite3
+from datetime import UTC, datetime, timedelta
+
+import jwt
+import pytest
+from fastapi.testclient import TestClient
+
+import todo_api
+from todo_api import app, settings
+
+SECRET = "test-secret-key-with-at-least-64-bytes-for-hs512-0123456789abcdef"
+PASSWORD = "correct horse"
+BAD_TOKEN = {"detail": "Could not validate credentials"}
+
+
+@pytest.fixture
+def database(tmp_path, monkeypatch):
+    """Point the app at a fresh database file, with fast bcrypt, for one test."""
+    path = tmp_path / "test.db"
+    monkeypatch.setattr(settings, "database_path", str(path))
+    monkeypatch.setattr(settings, "secret_key", SECRET)
+    monkeypatch.setattr(settings, "bcrypt_rounds", 4)
+    return path
+
+
+@pytest.fixture
+def client(database):
+    """A client whose `with` block runs the app's startup and shutdown."""
+    with TestClient(app) as client:
+        yield client
+
+
+def register(client, email="ada@example.com", password=PASSWORD):
+    response = client.post(
+        "/auth/register", json={"email": email, "password": password}
+    )
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+def log_in(client, email="ada@example.com", password=PASSWORD):
+    """Register a user and return the headers that authenticate as them."""
+    register(client, email, password)
+    response = client.post(
+        "/auth/token", data={"username": email, "password": password}
+    )
+    return {"Authorization": f"Bearer {response.json()['access_token']}"}
+
+
+@pytest.fixture
+def auth(client):
+    return log_in(client)
+
+
+def add_task(client, headers, **fields):
+    response = client.post("/tasks", json={"title": "task", **fields}, headers=headers)
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+def token_for(user_id, key=SECRET, algorithm="HS256", **changes):
+    """Sign a token the way the server does, with some claims changed or removed."""
+    now = datetime.now(UTC)
+    claims = {
+        "sub": str(user_id),
+        "iat": now,
+        "exp": now + timedelta(minutes=5),
+        **changes,
+    }
+    claims = {name: value for name, value in claims.items() if value is not None}
+    return jwt.encode(claims, key, algorithm=algorithm)
+
+
+def is_utc_timestamp(text):
+    return datetime.fromisoformat(text).utcoffset() == timedelta(0) and re.search(
+        r"(Z|\+00:00)$", text
+    )
+
+
+# --- Health ------------------------------------------------------------------
+
+
+def test_health(client):
+    assert client.get("/health").json() == {"status": "ok"}
+
+
+def test_health_is_503_when_the_database_cannot_answer(client, database):
+    database.write_bytes(b"this is not a database" * 1000)
+    response = client.get("/health")
+    assert response.status_code == 503
+    assert response.json() == {"detail": "Database unavailable"}
+
+
+# --- Registration ------------------------------------------------------------
+
+
+def test_register_returns_the_user_and_its_location(client, database):
+    response = client.post(
+        "/auth/register", json={"email": "ada@example.com", "password": PASSWORD}
+    )
+    assert response.status_code == 201
+    assert response.headers["location"] == "/users/me"
+    user = response.json()
+    assert set(user) == {"id", "email", "created_at"}  # never the hash
+    assert user["email"] == "ada@example.com"
+    assert is_utc_timestamp(user["created_at"])
+    stored = (
+        sqlite3.connect(database)
+        .execute("SELECT password_hash FROM user")
+        .fetchone()[0]
+    )
+    assert stored.startswith("$2b$04$") and PASSWORD not in stored
+
+
+@pytest.mark.parametrize("email", ["ada@example.com", "ADA@Example.COM"])
+def test_register_twice_is_409_whatever_the_case(client, email):
+    register(client, "ada@example.com")
+    response = client.post(
+        "/auth/register", json={"email": email, "password": PASSWORD}
+    )
+    assert response.status_code == 409
+    assert response.json() == {"detail": "Email already registered"}
+
+
+@pytest.mark.parametrize(
+    "password",
+    ["a" * 8, "a" * 72, "€" * 24, "€€€", "пароль12"],
+    ids=[
+        "8 ASCII",
+        "72 ASCII",
+        "24 euro signs are 72 bytes",
+        "3 euro signs are 9 bytes",
+        "cyrillic",
+    ],
+)
+def test_register_accepts_8_to_72_bytes(client, password):
+    register(client, password=password)
+    assert (
+        client.post(
+            "/auth/token", data={"username": "ada@example.com", "password": password}
+        ).status_code
+        == 200
+    )
+
+
+@pytest.mark.parametrize(
+    ("body", "location"),
+    [
+        ({"email": "ada@example.com", "password": "a" * 73}, "password"),
+        (
+            {"email": "ada@example.com", "password": "€" * 25},
+            "password",
+        ),  # 25 characters, 75 bytes
+        ({"email": "ada@example.com", "password": "a" * 7}, "password"),
+        ({"email": "ada@example.com"}, "password"),
+        ({"email": "ada@example.com", "password": 12345678}, "password"),
+        ({"email": "not-an-email", "password": PASSWORD}, "email"),
+        ({"email": "ada@localhost", "password": PASSWORD}, "email"),
+        ({"email": "a b@example.com", "password": PASSWORD}, "email"),
+        ({"email": "a" * 250 + "@x.io", "password": PASSWORD}, "email"),
+        ({"password": PASSWORD}, "email"),
+    ],
+)
+def test_register_refuses_bad_input(client, body, location):
+    response = client.post("/auth/register", json=body)
+    assert response.status_code == 422
+    assert [problem["loc"] for problem in response.json()["detail"]] == [
+        ["body", location]
+    ]
+
+
+def test_password_rule_names_bytes(client):
+    response = client.post(
+        "/auth/register", json={"email": "ada@example.com", "password": "€" * 25}
+    )
+    assert "72 bytes" in response.json()["detail"][0]["msg"]
+
+
+# --- Logging in --------------------------------------------------------------
+
+
+def test_token_from_the_oauth2_form(client):
+    user = register(client)
+    response = client.post(
+        "/auth/token", data={"username": "ada@example.com", "password": PASSWORD}
+    )
+    assert response.status_code == 200
+    body = response.json()
+    assert body["token_type"] == "bearer"
+    assert body["expires_in"] == 30 * 60
+    claims = jwt.decode(body["access_token"], SECRET, algorithms=["HS256"])
+    assert claims["sub"] == str(user["id"])
+    assert claims["exp"] - claims["iat"] == 30 * 60
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"username": "ada@example.com", "password": PASSWORD},
+        {"email": "ada@example.com", "password": PASSWORD},
+        {
+            "username": "ada@example.com",
+            "email": "nobody@example.com",
+            "password": PASSWORD,
+        },
+    ],
+    ids=["username", "email", "username wins"],
+)
+def test_token_from_json(client, body):
+    register(client)
+    response = client.post("/auth/token", json=body)
+    assert response.status_code == 200
+    assert response.json()["token_type"] == "bearer"
+
+
+def test_login_ignores_the_case_of_the_email(client):
+    register(client, "ada@example.com")
+    response = client.post(
+        "/auth/token", data={"username": "ADA@EXAMPLE.COM", "password": PASSWORD}
+    )
+    assert response.status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("username", "password"),
+    [
+        ("ada@example.com", "wrong password"),
+        ("nobody@example.com", PASSWORD),
+        ("ada@example.com", PASSWORD + "x" * 60),  # 73 bytes: simply wrong, not a 500
+        ("ada@example.com", "€" * 72),
+        ("ada@example.com", ""),
+    ],
+)
+def test_bad_login_is_one_401(client, username, password):
+    register(client)
+    response = client.post(
+        "/auth/token", data={"username": username, "password": password}
+    )
+    assert response.status_code == 401
+    assert response.json() == {"detail": "Incorrect email or password"}
+    assert response.headers["www-authenticate"] == "Bearer"
+
+
+JSON = {"content-type": "application/json"}
+
+
+@pytest.mark.parametrize(
+    ("request_arguments", "problem"),
+    [
+        ({"data": {"username": "ada@example.com"}}, ("missing", ["password"])),
+        ({"data": {"password": PASSWORD}}, ("missing", ["username"])),
+        ({"json": {"password": PASSWORD}}, ("missing", ["username"])),
+        (
+            {"json": {"email": "a@x.io", "password": 12345678}},
+            ("string_type", ["password"]),
+        ),
+        ({"content": b"{not json", "headers": JSON}, ("json_invalid", [])),
+        ({"json": ["ada@example.com", PASSWORD]}, ("model_type", [])),
+    ],
+)
+def test_login_refuses_malformed_requests(client, request_arguments, problem):
+    response = client.post("/auth/token", **request_arguments)
+    assert response.status_code == 422
+    first = response.json()["detail"][0]
+    assert (first["type"], first["loc"]) == problem
+
+
+# --- Tokens ------------------------------------------------------------------
+
+
+def test_me(client, auth):
+    response = client.get("/users/me", headers=auth)
+    assert response.status_code == 200
+    assert set(response.json()) == {"id", "email", "created_at"}
+    assert response.json()["email"] == "ada@example.com"
+
+
+def test_missing_token_is_401(client):
+    response = client.get("/users/me")
+    assert response.status_code == 401
+    assert response.json() == {"detail": "Not authenticated"}
+    assert response.headers["www-authenticate"] == "Bearer"
+
+
+def test_scheme_name_is_case_insensitive(client, auth):
+    token = auth["Authorization"].split()[1]
+    assert (
+        client.get(
+            "/users/me", headers={"Authorization": f"bearer {token}"}
+        ).status_code
+        == 200
+    )
+
+
+@pytest.mark.parametrize(
+    "make_token",
+    [
+        lambda user_id: token_for(
+            user_id, key="another-secret-key-that-is-long-enough-for-hs256"
+        ),
+        lambda user_id: token_for(user_id, algorithm="HS512"),
+        lambda user_id: token_for(user_id, key=None, algorithm="none"),
+        lambda user_id: token_for(
+            user_id, exp=datetime.now(UTC) - timedelta(seconds=1)
+        ),
+        lambda user_id: token_for(user_id, exp=None),
+        lambda user_id: token_for(None),
+        lambda user_id: token_for(user_id + 1),
+        lambda user_id: token_for("abc"),
+        lambda user_id: "not.a.token",
+        lambda user_id: token_for(user_id)[:-3] + "abc",
+    ],
+    ids=[
+        "other key",
+        "HS512",
+        "alg none",
+        "expired",
+        "no exp",
+        "no sub",
+        "unknown user",
+        "sub not an id",
+        "malformed",
+        "bad signature",
+    ],
+)
+def test_bad_token_is_401(client, make_token):
+    user_id = register(client)["id"]
+    response = client.get(
+        "/users/me", headers={"Authorization": f"Bearer {make_token(user_id)}"}
+    )
+    assert response.status_code == 401
+    assert response.json() == BAD_TOKEN
+    assert response.headers["www-authenticate"] == "Bearer"
+
+
+def test_tampered_payload_is_401(client):
+    first, second = register(client)["id"], register(client, "bob@example.com")["id"]
+    header, _, signature = token_for(first).split(".")
+    _, payload, _ = token_for(second).split(".")
+    response = client.get(
+        "/users/me", headers={"Authorization": f"Bearer {header}.{payload}.{signature}"}
+    )
+    assert response.status_code == 401
+
+
+# --- Deleting the account ----------------------------------------------------
+
+
+def test_delete_me_deletes_the_user_and_its_tasks(client, auth, database):
+    add_task(client, auth)
+    response = client.delete("/users/me", headers=auth)
+    assert response.status_code == 204
+    assert response.content == b""
+    stored = sqlite3.connect(database)
+    assert stored.execute("SELECT count(*) FROM user").fetchone() == (0,)
+    assert stored.execute("SELECT count(*) FROM task").fetchone() == (0,)
+    assert client.get("/users/me", headers=auth).json() == BAD_TOKEN
+
+
+def test_a_deleted_users_token_stays_dead_after_someone_registers(client, auth):
+    client.delete("/users/me", headers=auth)
+    newcomer = register(client, "bob@example.com")
+    assert newcomer["id"] != 1  # ids are never reused
+    assert client.get("/tasks", headers=auth).status_code == 401
+
+
+# --- Tasks -------------------------------------------------------------------
+
+
+def test_create_task(client, auth, database):
+    response = client.post("/tasks", json={"title": "  Buy milk \n"}, headers=auth)
+    assert response.status_code == 201
+    task = response.json()
+    assert response.headers["location"] == f"/tasks/{task['id']}"
+    assert task | {"created_at": None} == {
+        "id": task["id"],
+        "title": "Buy milk",
+        "description": None,
+        "done": False,
+        "due_date": None,
+        "created_at": None,
+    }
+    assert is_utc_timestamp(task["created_at"])
+    # Committed before the response: another connection sees it.
+    assert sqlite3.connect(database).execute("SELECT title FROM task").fetchall() == [
+        ("Buy milk",)
+    ]
+
+
+def test_create_task_with_every_field(client, auth):
+    fields = {
+        "title": "Pay rent",
+        "description": "by transfer",
+        "done": True,
+        "due_date": "2026-12-01",
+    }
+    task = add_task(client, auth, **fields)
+    assert {name: task[name] for name in fields} == fields
+    assert client.get(f"/tasks/{task['id']}", headers=auth).json() == task
+
+
+def test_client_cannot_set_id_owner_or_created_at(client, auth, database):
+    sent = {
+        "title": "t",
+        "id": 999,
+        "owner_id": 999,
+        "created_at": "2000-01-01T00:00:00Z",
+    }
+    task = client.post("/tasks", json=sent, headers=auth).json()
+    assert task["id"] == 1 and not task["created_at"].startswith("2000")
+    client.patch(
+        "/tasks/1",
+        json={"id": 5, "owner_id": 5, "created_at": "2000-01-01T00:00:00Z"},
+        headers=auth,
+    )
+    stored = (
+        sqlite3.connect(database)
+        .execute("SELECT id, owner_id, created_at FROM task")
+        .fetchone()
+    )
+    assert stored == (1, 1, task["created_at"].replace("000Z", "Z"))
+
+
+@pytest.mark.parametrize(
+    ("body", "location"),
+    [
+        ({}, ["body", "title"]),
+        ({"title": ""}, ["body", "title"]),
+        ({"title": "   "}, ["body", "title"]),
+        ({"title": "x" * 201}, ["body", "title"]),
+        ({"title": None}, ["body", "title"]),
+        ({"title": 42}, ["body", "title"]),
+        ({"title": "t", "description": "x" * 2001}, ["body", "description"]),
+        ({"title": "t", "done": "yes"}, ["body", "done"]),
+        ({"title": "t", "done": 1}, ["body", "done"]),
+        ({"title": "t", "due_date": 0}, ["body", "due_date"]),
+        ({"title": "t", "due_date": "86400"}, ["body", "due_date"]),
+        ({"title": "t", "due_date": "2026-02-30"}, ["body", "due_date"]),
+        ({"title": "t", "due_date": "2026-01-01T00:00:00"}, ["body", "due_date"]),
+        ({"title": "t", "due_date": "01/02/2026"}, ["body", "due_date"]),
+    ],
+)
+def test_create_task_refuses_bad_input(client, auth, body, location):
+    response = client.post("/tasks", json=body, headers=auth)
+    assert response.status_code == 422
+    assert response.json()["detail"][0]["loc"] == location
+
+
+def test_create_task_accepts_the_longest_fields(client, auth):
+    task = add_task(client, auth, title="x" * 200, description="y" * 2000)
+    assert len(task["title"]) == 200 and len(task["description"]) == 2000
+
+
+def test_list_tasks_oldest_first(client, auth):
+    assert client.get("/tasks", headers=auth).json() == []
+    titles = [add_task(client, auth, title=f"task {n}")["title"] for n in range(3)]
+    response = client.get("/tasks", headers=auth)
+    assert response.status_code == 200
+    assert [task["title"] for task in response.json()] == titles
+
+
+def test_trailing_slash_reaches_the_same_routes_without_redirect(client, auth):
+    created = client.post(
+        "/tasks/", json={"title": "t"}, headers=auth, follow_redirects=False
+    )
+    assert created.status_code == 201
+    listed = client.get("/tasks/", headers=auth, follow_redirects=False)
+    assert listed.status_code == 200 and listed.json() == [created.json()]
+
+
+def test_list_tasks_filters_by_done(client, auth):
+    add_task(client, auth, title="open")
+    add_task(client, auth, title="closed", done=True)
+    titles = {
+        done: [
+            task["title"]
+            for task in client.get(f"/tasks?done={done}", headers=auth).json()
+        ]
+        for done in ("true", "false")
+    }
+    assert titles == {"true": ["closed"], "false": ["open"]}
+
+
+def test_list_tasks_pages(client, auth):
+    ids = [add_task(client, auth)["id"] for _ in range(5)]
+    page = client.get("/tasks?limit=2&offset=1", headers=auth).json()
+    assert [task["id"] for task in page] == ids[1:3]
+    assert client.get("/tasks?offset=5", headers=auth).json() == []
+
+
+def test_list_tasks_limit_defaults_to_100(client, auth, database):
+    stored = sqlite3.connect(database, isolation_level=None)
+    stored.executemany(
+        "INSERT INTO task (owner_id, title) VALUES (1, ?)",
+        [(str(n),) for n in range(101)],
+    )
+    assert len(client.get("/tasks", headers=auth).json()) == 100
+
+
+@pytest.mark.parametrize(
+    "query", ["limit=0", "limit=101", "offset=-1", "done=maybe", "limit=x"]
+)
+def test_list_tasks_refuses_bad_queries(client, auth, query):
+    response = client.get(f"/tasks?{query}", headers=auth)
+    assert response.status_code == 422
+    assert response.json()["detail"][0]["loc"][0] == "query"
+
+
+def test_patch_changes_only_the_fields_sent(client, auth):
+    task = add_task(client, auth, title="t", description="d", due_date="2026-12-01")
+    response = client.patch(f"/tasks/{task['id']}", json={"done": True}, headers=auth)
+    assert response.status_code == 200
+    assert response.json() == task | {"done": True}
+    response = client.patch(
+        f"/tasks/{task['id']}", json={"title": " new "}, headers=auth
+    )
+    assert response.json() == task | {"done": True, "title": "new"}
+
+
+def test_patch_with_null_clears_description_and_due_date(client, auth):
+    task = add_task(client, auth, description="d", due_date="2026-12-01")
+    response = client.patch(
+        f"/tasks/{task['id']}",
+        json={"description": None, "due_date": None},
+        headers=auth,
+    )
+    assert response.json() == task | {"description": None, "due_date": None}
+
+
+@pytest.mark.parametrize(
+    "body",
+    [{"title": None}, {"done": None}, {"title": ""}, {"done": "true"}, {"due_date": 5}],
+)
+def test_patch_refuses_bad_input(client, auth, body):
+    task = add_task(client, auth)
+    response = client.patch(f"/tasks/{task['id']}", json=body, headers=auth)
+    assert response.status_code == 422
+    assert response.json()["detail"][0]["loc"] == ["body", *body]
+    assert client.get(f"/tasks/{task['id']}", headers=auth).json() == task
+
+
+def test_put_replaces_the_whole_task(client, auth):
+    task = add_task(client, auth, description="d", done=True, due_date="2026-12-01")
+    response = client.put(f"/tasks/{task['id']}", json={"title": "fresh"}, headers=auth)
+    assert response.status_code == 200
+    assert response.json() == task | {
+        "title": "fresh",
+        "description": None,
+        "done": False,
+        "due_date": None,
+    }
+
+
+def test_put_requires_a_title(client, auth):
+    task = add_task(client, auth)
+    response = client.put(f"/tasks/{task['id']}", json={"done": True}, headers=auth)
+    assert response.status_code == 422
+    assert response.json()["detail"][0]["loc"] == ["body", "title"]
+
+
+def test_delete_task(client, auth):
+    task = add_task(client, auth)
+    response = client.delete(f"/tasks/{task['id']}", headers=auth)
+    assert response.status_code == 204
+    assert client.get(f"/tasks/{task['id']}", headers=auth).status_code == 404
+
+
+@pytest.mark.parametrize(
+    ("method", "body"),
+    [
+        ("GET", None),
+        ("PATCH", {"done": True}),
+        ("PUT", {"title": "t"}),
+        ("DELETE", None),
+    ],
+)
+def test_missing_task_is_404(client, auth, method, body):
+    response = client.request(method, "/tasks/1", json=body, headers=auth)
+    assert response.status_code == 404
+    assert response.json() == {"detail": "Task not found"}
+
+
+@pytest.mark.parametrize(
+    ("method", "body"),
+    [
+        ("GET", None),
+        ("PATCH", {"done": True}),
+        ("PUT", {"title": "mine now"}),
+        ("DELETE", None),
+    ],
+)
+def test_another_users_task_does_not_exist(client, auth, method, body):
+    task = add_task(client, auth, title="Ada's")
+    intruder = log_in(client, "eve@example.com")
+    response = client.request(
+        method, f"/tasks/{task['id']}", json=body, headers=intruder
+    )
+    assert response.status_code == 404
+    assert response.json() == {"detail": "Task not found"}
+    assert client.get("/tasks", headers=intruder).json() == []
+    assert client.get(f"/tasks/{task['id']}", headers=auth).json() == task
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/tasks"),
+        ("POST", "/tasks"),
+        ("GET", "/tasks/1"),
+        ("PATCH", "/tasks/1"),
+        ("PUT", "/tasks/1"),
+        ("DELETE", "/tasks/1"),
+        ("GET", "/users/me"),
+        ("DELETE", "/users/me"),
+    ],
+)
+def test_every_private_route_needs_a_token(client, method, path):
+    response = client.request(method, path, json={"title": "t"})
+    assert response.status_code == 401
+    assert response.json() == {"detail": "Not authenticated"}
+    assert response.headers["www-authenticate"] == "Bearer"
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [("PUT", "/tasks"), ("DELETE", "/health"), ("GET", "/auth/token")],
+)
+def test_known_path_with_another_method_is_405(client, method, path):
+    response = client.request(method, path)
+    assert response.status_code == 405
+    assert response.json() == {"detail": "Method Not Allowed"}
+
+
+# --- Documentation -----------------------------------------------------------
+
+
+def test_docs_are_served(client):
+    assert "swagger-ui" in client.get("/docs").text
+
+
+def test_openapi_declares_the_password_flow_and_error_statuses(client):
+    spec = client.get("/openapi.json").json()
+    schemes = spec["components"]["securitySchemes"]
+    assert (
+        schemes["OAuth2PasswordBearer"]["flows"]["password"]["tokenUrl"]
+        == "/auth/token"
+    )
+    paths = spec["paths"]
+    assert set(paths["/auth/token"]["post"]["requestBody"]["content"]) == {
+        "application/x-www-form-urlencoded",
+        "application/json",
+    }
+    assert {"401", "422"} <= set(paths["/auth/token"]["post"]["responses"])
+    assert "409" in paths["/auth/register"]["post"]["responses"]
+    assert "503" in paths["/health"]["get"]["responses"]
+    for method in ("get", "put", "patch", "delete"):
+        assert {"401", "404"} <= set(paths["/tasks/{task_id}"][method]["responses"])
+    assert "/tasks/" not in paths
+
+
+def test_openapi_says_password_bytes_and_title_stripping(client):
+    schemas = client.get("/openapi.json").json()["components"]["schemas"]
+    assert "72 bytes" in schemas["UserCreate"]["properties"]["password"]["description"]
+    assert "trimmed" in schemas["TaskCreate"]["properties"]["title"]["description"]
+
+
+# --- Settings and startup ----------------------------------------------------
+
+
+def fresh_module(monkeypatch, tmp_path, **environment):
+    """Import todo_api anew in an empty folder with the given APP_* variables, as a server would."""
+    monkeypatch.chdir(tmp_path)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    spec = importlib.util.spec_from_file_location("todo_api_fresh", todo_api.__file__)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_defaults_need_no_environment(monkeypatch, tmp_path):
+    module = fresh_module(monkeypatch, tmp_path)
+    assert module.settings.model_dump() == {
+        "database_path": "todo.db",
+        "secret_key": "",
+        "access_token_expire_minutes": 30,
+        "bcrypt_rounds": 12,
+        "cors_origins": [],
+    }
+    with TestClient(module.app) as client:
+        assert client.get("/health").status_code == 200
+    assert (
+        tmp_path / "todo.db"
+    ).exists()  # in the working folder, schema applied from beside the module
+
+
+def test_settings_come_from_a_dot_env_file(monkeypatch, tmp_path):
+    (tmp_path / ".env").write_text(
+        "APP_ACCESS_TOKEN_EXPIRE_MINUTES=5\nAPP_DATABASE_PATH=other.db\n"
+    )
+    module = fresh_module(monkeypatch, tmp_path)
+    assert (
+        module.settings.access_token_expire_minutes,
+        module.settings.database_path,
+    ) == (5, "other.db")
+
+
+@pytest.mark.parametrize(
+    "origins",
+    [
+        "https://a.example, https://b.example",
+        '["https://a.example", "https://b.example"]',
+    ],
+)
+def test_cors_origins_as_a_list_or_comma_separated(monkeypatch, origins):
+    monkeypatch.setenv("APP_CORS_ORIGINS", origins)
+    assert todo_api.Settings(_env_file=None).cors_origins == [
+        "https://a.example",
+        "https://b.example",
+    ]
+
+
+def test_cors_preflight_for_an_authenticated_request(monkeypatch, tmp_path):
+    module = fresh_module(
+        monkeypatch,
+        tmp_path,
+        APP_CORS_ORIGINS="https://app.example",
+        APP_BCRYPT_ROUNDS="4",
+    )
+    preflight = {
+        "Origin": "https://app.example",
+        "Access-Control-Request-Method": "PATCH",
+        "Access-Control-Request-Headers": "authorization, content-type",
+    }
+    with TestClient(module.app) as client:
+        response = client.options("/tasks/1", headers=preflight)
+        assert response.status_code == 200
+        assert response.headers["access-control-allow-origin"] == "https://app.example"
+        assert (
+            client.options(
+                "/tasks/1", headers=preflight | {"Origin": "https://evil.example"}
+            ).status_code
+            == 400
+        )
+
+
+def test_no_cors_headers_by_default(client):
+    response = client.get("/health", headers={"Origin": "https://app.example"})
+    assert not any(name.startswith("access-control") for name in response.headers)
+
+
+@pytest.mark.parametrize(
+    "key", ["short", "a" * 31, "€" * 10]
+)  # 10 euro signs are 30 bytes
+def test_a_short_secret_key_stops_startup(monkeypatch, key):
+    monkeypatch.setenv("APP_SECRET_KEY", key)
+    with pytest.raises(
+        ValueError, match="APP_SECRET_KEY needs 32[+] bytes: openssl rand"
+    ):
+        todo_api.Settings(_env_file=None)
+
+
+def test_a_32_byte_key_is_enough(monkeypatch):
+    monkeypatch.setenv("APP_SECRET_KEY", "€" * 11)  # 11 characters, 33 bytes
+    assert todo_api.Settings(_env_file=None).secret_key == "€" * 11
+
+
+def test_without_a_secret_key_one_is_generated_kept_and_announced(
+    database, monkeypatch, caplog
+):
+    monkeypatch.setattr(settings, "secret_key", "")
+    with TestClient(app) as client:
+        headers = log_in(client)
+    key = settings.secret_key
+    assert len(key.encode()) >= 32 and key != SECRET
+    assert "APP_SECRET_KEY unset: using the key kept in the database" in caplog.text
+    monkeypatch.setattr(settings, "secret_key", "")
+    with TestClient(app) as client:  # a restart, or another worker
+        assert client.get("/users/me", headers=headers).status_code == 200
+    assert settings.secret_key == key
