@@ -185,9 +185,14 @@ def test_password_rule_names_bytes(client):
 
 def test_token_from_the_oauth2_form(client):
     user = register(client)
-    response = client.post(
-        "/auth/token", data={"username": "ada@example.com", "password": PASSWORD}
-    )
+    # What Swagger UI's Authorize button sends.
+    form = {
+        "grant_type": "password",
+        "username": "ada@example.com",
+        "password": PASSWORD,
+        "scope": "",
+    }
+    response = client.post("/auth/token", data=form)
     assert response.status_code == 200
     body = response.json()
     assert body["token_type"] == "bearer"
