@@ -1,10 +1,22 @@
 """The Todo API's tests: every rule of the contract, asserted as a user sees it."""
 
 import importlib.util
+import json
+import os
 import re
+import signal
+import socket
 import sqlite3
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
+import httpx2
 import jwt
 import pytest
 from fastapi.testclient import TestClient
@@ -113,7 +125,7 @@ def test_register_returns_the_user_and_its_location(client, database):
         .execute("SELECT password_hash FROM user")
         .fetchone()[0]
     )
-    assert stored.startswith("$2b$04$") and PASSWORD not in stored
+    assert stored.startswith(b"$2b$04$") and PASSWORD.encode() not in stored
 
 
 @pytest.mark.parametrize("email", ["ada@example.com", "ADA@Example.COM"])
@@ -787,3 +799,382 @@ def test_without_a_secret_key_one_is_generated_kept_and_announced(
     with TestClient(app) as client:  # a restart, or another worker
         assert client.get("/users/me", headers=headers).status_code == 200
     assert settings.secret_key == key
+
+
+# --- Hostile input: a clear 4xx, never a 500, nothing lost --------------------
+
+HUGE = 99999999999999999999  # beyond SQLite's 64-bit integers
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", f"/tasks/{HUGE}"),
+        ("PATCH", f"/tasks/{HUGE}"),
+        ("PUT", f"/tasks/{HUGE}"),
+        ("DELETE", f"/tasks/{HUGE}"),
+        ("GET", f"/tasks/{2**63}"),
+        ("GET", "/tasks/0"),
+        ("GET", "/tasks/-1"),
+        ("GET", "/tasks/1.5"),
+        ("GET", "/tasks/abc"),
+        ("GET", f"/tasks?offset={HUGE}"),
+        ("GET", f"/tasks?limit={HUGE}"),
+        ("GET", "/tasks?offset=-1"),
+    ],
+)
+def test_numbers_out_of_range_are_422(client, auth, method, path):
+    response = client.request(method, path, json={"title": "t"}, headers=auth)
+    assert response.status_code == 422
+    assert response.json()["detail"][0]["loc"][0] in ("path", "query")
+
+
+def test_the_largest_id_is_simply_not_found(client, auth):
+    assert client.get(f"/tasks/{2**63 - 1}", headers=auth).status_code == 404
+
+
+@pytest.mark.parametrize(
+    ("content", "status"),
+    [
+        (b"{", 422),
+        (b"[]", 422),
+        (b"null", 422),
+        (b"42", 422),
+        (b'"a title"', 422),
+        (b'{"title": "\\ud800"}', 422),  # a lone surrogate cannot be stored as UTF-8
+        (b'{"title": "t", "description": "\\udfff"}', 422),
+        ('{"title": "caf\u00e9"}'.encode("latin-1"), 400),  # not UTF-8 at all
+    ],
+)
+def test_malformed_task_bodies_are_refused(client, auth, content, status):
+    response = client.post("/tasks", content=content, headers=auth | JSON)
+    assert response.status_code == status
+    assert "detail" in response.json()
+    assert client.get("/tasks", headers=auth).json() == []
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"email": "a" * 10_000 + "@example.com", "password": PASSWORD},
+        {"email": "ada@example.com", "password": "x" * 1_000_000},
+        {"email": "ada@example.com\ud800", "password": PASSWORD},
+        {"email": "ada@example.com", "password": "correct horse\ud800"},
+        {"email": ["ada@example.com"], "password": PASSWORD},
+        {"email": None, "password": None},
+    ],
+)
+def test_hostile_registrations_are_422(client, body):
+    content = json.dumps(body).replace("\\\\ud800", "\\ud800").encode()
+    response = client.post("/auth/register", content=content, headers=JSON)
+    assert response.status_code == 422
+    assert "detail" in response.json()
+
+
+def test_a_one_megabyte_title_is_422(client, auth):
+    response = client.post("/tasks", json={"title": "x" * 1_000_000}, headers=auth)
+    assert response.status_code == 422
+    assert response.json()["detail"][0]["loc"] == ["body", "title"]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Robert'); DROP TABLE task; --",
+        "' OR '1'='1",
+        "%s %d %(title)s {0} {title} ${HOME}",
+        "nul\x00inside",
+        "\x00",
+        "emoji 🚀 and ünïcödé",
+    ],
+)
+def test_hostile_text_is_stored_verbatim(client, auth, database, text):
+    task = add_task(client, auth, title=text, description=text)
+    assert (task["title"], task["description"]) == (text, text)
+    assert client.get(f"/tasks/{task['id']}", headers=auth).json() == task
+    stored = sqlite3.connect(database).execute("SELECT title, description FROM task")
+    assert stored.fetchall() == [(text, text)]
+
+
+@pytest.mark.parametrize(
+    "form",
+    [
+        {},
+        {"username": "ada@example.com"},
+        {"password": PASSWORD},
+        {"username": "", "password": ""},
+    ],
+)
+def test_form_logins_with_missing_fields_are_refused(client, form):
+    register(client)
+    response = client.post("/auth/token", data=form)
+    assert response.status_code in (401, 422)
+    assert response.status_code == 422 or response.json() == {
+        "detail": "Incorrect email or password"
+    }
+
+
+@pytest.mark.parametrize(
+    "form",
+    [
+        {"username": "a" * 1_000_000, "password": PASSWORD},
+        {"username": "ada@example.com", "password": "p" * 1_000_000},
+        {"username": "ada@example.com' OR '1'='1", "password": "' OR '1'='1"},
+    ],
+)
+def test_form_logins_with_huge_or_hostile_fields_are_401(client, form):
+    register(client)
+    response = client.post("/auth/token", data=form)
+    assert response.status_code == 401
+    assert response.json() == {"detail": "Incorrect email or password"}
+
+
+@pytest.mark.parametrize(
+    ("authorization", "detail"),
+    [
+        (b"", "Not authenticated"),
+        (b"Bearer", "Could not validate credentials"),  # an empty token
+        (b"Basic YWRhOmNvcnJlY3QgaG9yc2U=", "Not authenticated"),
+        (b"Token abc.def.ghi", "Not authenticated"),
+        (b"Bearer " + b"a" * 100_000, "Could not validate credentials"),
+        (b"Bearer \xc3\xbc\xff\xfe", "Could not validate credentials"),
+        (b"Bearer a.b.c", "Could not validate credentials"),
+        (b"Bearer ' OR 1=1 --", "Could not validate credentials"),
+    ],
+)
+def test_hostile_authorization_headers_are_401(client, authorization, detail):
+    register(client)
+    response = client.get("/tasks", headers={"Authorization": authorization})
+    assert response.status_code == 401
+    assert response.json() == {"detail": detail}
+    assert response.headers["www-authenticate"] == "Bearer"
+
+
+def signed(claims, key=SECRET):
+    """Sign any claims, even ones PyJWT would refuse to encode, with HS256."""
+    return jwt.api_jws.encode(json.dumps(claims).encode(), key, algorithm="HS256")
+
+
+@pytest.mark.parametrize(
+    "sub",
+    [5, "5.0", " 5", "0", "-1", str(HUGE), "1e3", "", None],
+    ids=[
+        "not a string",
+        "decimal",
+        "space",
+        "zero",
+        "negative",
+        "huge",
+        "exponent",
+        "empty",
+        "null",
+    ],
+)
+def test_a_sub_that_is_not_a_user_id_is_401(client, sub):
+    register(client)
+    claims = {"sub": sub, "exp": int(time.time()) + 300}
+    response = client.get(
+        "/users/me", headers={"Authorization": f"Bearer {signed(claims)}"}
+    )
+    assert response.status_code == 401
+    assert response.json() == BAD_TOKEN
+
+
+def test_a_signed_token_for_a_real_id_works(client):
+    user_id = register(client)["id"]
+    claims = {"sub": str(user_id), "exp": int(time.time()) + 300}
+    assert (
+        client.get(
+            "/users/me", headers={"Authorization": f"Bearer {signed(claims)}"}
+        ).status_code
+        == 200
+    )
+
+
+# --- Races -------------------------------------------------------------------
+
+
+def test_concurrent_registrations_of_one_email_give_one_201(client):
+    def attempt(_):
+        return client.post(
+            "/auth/register", json={"email": "race@example.com", "password": PASSWORD}
+        )
+
+    with ThreadPoolExecutor(20) as pool:
+        responses = list(pool.map(attempt, range(20)))
+    assert sorted(response.status_code for response in responses) == [201] + [409] * 19
+    assert {r.json()["detail"] for r in responses if r.status_code == 409} == {
+        "Email already registered"
+    }
+
+
+def test_concurrent_writers_all_succeed(client, auth, database):
+    def write(writer):
+        return [
+            client.post(
+                "/tasks", json={"title": f"{writer}-{n}"}, headers=auth
+            ).status_code
+            for n in range(20)
+        ]
+
+    with ThreadPoolExecutor(16) as pool:
+        statuses = [status for batch in pool.map(write, range(16)) for status in batch]
+    assert statuses == [201] * 320
+    assert sqlite3.connect(database).execute(
+        "SELECT count(*) FROM task"
+    ).fetchone() == (320,)
+
+
+# --- A real server: workers, restarts, kill -9, hashing off the event loop ----
+
+HERE = Path(__file__).parent
+
+
+@contextmanager
+def real_server(folder, *options, **environment):
+    """Serve the app with uvicorn on a free loopback port; kill -9 it, workers and all, after."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {
+        name: value for name, value in os.environ.items() if not name.startswith("APP_")
+    }
+    command = [sys.executable, "-m", "uvicorn", "todo_api:app", "--app-dir", str(HERE)]
+    command += ["--port", str(port), "--log-level", "warning", *options]
+    server = subprocess.Popen(
+        command, cwd=folder, env=env | environment, start_new_session=True
+    )
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            assert server.poll() is None, "the server exited"
+            try:
+                if httpx2.get(f"{base_url}/health").status_code == 200:
+                    break
+            except httpx2.HTTPError:
+                assert time.monotonic() < deadline, "the server did not start"
+                time.sleep(0.05)
+        yield base_url
+    finally:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
+
+
+def log_in_to(base_url, email="ada@example.com", register_first=True):
+    if register_first:
+        response = httpx2.post(
+            f"{base_url}/auth/register", json={"email": email, "password": PASSWORD}
+        )
+        assert response.status_code == 201
+    response = httpx2.post(
+        f"{base_url}/auth/token", data={"username": email, "password": PASSWORD}
+    )
+    return {"Authorization": f"Bearer {response.json()['access_token']}"}
+
+
+def test_workers_share_one_database_and_one_generated_key(tmp_path):
+    with real_server(tmp_path, "--workers", "3", APP_BCRYPT_ROUNDS="4") as base_url:
+        headers = log_in_to(base_url)
+        # A new connection each time, so the kernel hands them to every worker in turn.
+        statuses = {
+            httpx2.get(f"{base_url}/users/me", headers=headers).status_code
+            for _ in range(30)
+        }
+        assert statuses == {200}
+
+        def write(writer):
+            with httpx2.Client(base_url=base_url, headers=headers) as worker_client:
+                return [
+                    worker_client.post(
+                        "/tasks", json={"title": f"{writer}"}
+                    ).status_code
+                    for _ in range(10)
+                ]
+
+        with ThreadPoolExecutor(6) as pool:
+            assert [s for batch in pool.map(write, range(6)) for s in batch] == [
+                201
+            ] * 60
+    assert sqlite3.connect(tmp_path / "todo.db").execute(
+        "SELECT count(*) FROM task"
+    ).fetchone() == (60,)
+    assert sqlite3.connect(tmp_path / "todo.db").execute(
+        "SELECT count(*) FROM signing_key"
+    ).fetchone() == (1,)
+
+
+def test_tokens_survive_a_restart_without_a_secret_key(tmp_path):
+    with real_server(tmp_path, APP_BCRYPT_ROUNDS="4") as base_url:
+        headers = log_in_to(base_url)
+    with real_server(tmp_path, APP_BCRYPT_ROUNDS="4") as base_url:
+        assert httpx2.get(f"{base_url}/users/me", headers=headers).status_code == 200
+
+
+def test_every_acknowledged_task_survives_kill_9(tmp_path):
+    with real_server(tmp_path, APP_BCRYPT_ROUNDS="4") as base_url:
+        headers = log_in_to(base_url)
+
+        def write(writer):
+            with httpx2.Client(base_url=base_url, headers=headers) as writer_client:
+                responses = [
+                    writer_client.post("/tasks", json={"title": f"{writer}-{n}"})
+                    for n in range(25)
+                ]
+            return [
+                response.json()["id"]
+                for response in responses
+                if response.status_code == 201
+            ]
+
+        with ThreadPoolExecutor(4) as pool:
+            acknowledged = [
+                task_id for batch in pool.map(write, range(4)) for task_id in batch
+            ]
+    # real_server has just killed it with SIGKILL, right after the last 201.
+    assert len(acknowledged) == 100
+    with real_server(tmp_path, APP_BCRYPT_ROUNDS="4") as base_url:
+        tasks = httpx2.get(f"{base_url}/tasks?limit=100", headers=headers).json()
+    assert sorted(task["id"] for task in tasks) == sorted(acknowledged)
+
+
+def test_health_answers_promptly_while_logins_hash(tmp_path):
+    with real_server(tmp_path, APP_BCRYPT_ROUNDS="13") as base_url:
+
+        def slow_login(n):
+            form = {"username": f"nobody{n}@example.com", "password": PASSWORD}
+            return httpx2.post(
+                f"{base_url}/auth/token", data=form, timeout=30
+            ).status_code
+
+        with ThreadPoolExecutor(4) as pool:
+            logins = [pool.submit(slow_login, n) for n in range(4)]
+            time.sleep(0.1)  # let the four hashes start
+            latencies = []
+            while not all(login.done() for login in logins):
+                started = time.perf_counter()
+                assert httpx2.get(f"{base_url}/health").status_code == 200
+                latencies.append(time.perf_counter() - started)
+                time.sleep(0.02)
+        assert [login.result() for login in logins] == [401] * 4
+    assert len(latencies) >= 5 and max(latencies) < 0.25
+
+
+def test_wrong_password_and_unknown_email_take_about_as_long(tmp_path):
+    with real_server(tmp_path, APP_BCRYPT_ROUNDS="10") as base_url:
+        log_in_to(base_url)
+        timings = {"wrong password": [], "unknown email": []}
+        with httpx2.Client(base_url=base_url) as timing_client:
+            for _ in range(9):
+                for case, email, password in [
+                    ("wrong password", "ada@example.com", "not the password"),
+                    ("unknown email", "nobody@example.com", PASSWORD),
+                ]:
+                    started = time.perf_counter()
+                    response = timing_client.post(
+                        "/auth/token", data={"username": email, "password": password}
+                    )
+                    timings[case].append(time.perf_counter() - started)
+                    assert response.status_code == 401
+    wrong, unknown = (statistics.median(timings[case]) for case in timings)
+    assert max(wrong, unknown) / min(wrong, unknown) < 1.5

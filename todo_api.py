@@ -17,7 +17,7 @@ from fastapi import Depends, FastAPI, HTTPException, Path, Query
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.requests import Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from fastapi.routing import APIRouter
 from fastapi.security import OAuth2PasswordBearer
 from pydantic import AliasChoices, BaseModel, Field, ValidationError, field_validator
@@ -83,35 +83,31 @@ def connect() -> sqlite3.Connection:
 
 
 def get_db() -> Iterator[sqlite3.Connection]:
-    """Lend a connection to one request; writes commit before the route returns."""
-    with closing(connect()) as connection:
-        yield connection
+    """Lend a connection to one request; if SQLite fails, answer 503, not a bare 500."""
+    try:
+        with closing(connect()) as connection:
+            yield connection  # every write commits before the route returns
+    except sqlite3.DatabaseError as error:
+        logger.error("Database error: %s", error)
+        raise HTTPException(503, "Database unavailable") from error
 
 
 DB = Annotated[sqlite3.Connection, Depends(get_db)]
 
 
-async def database_unavailable(request: Request, error: Exception) -> JSONResponse:
-    """Answer 503, not a bare 500, when SQLite cannot serve a request."""
-    logger.error("Database error: %s", error)
-    return JSONResponse({"detail": "Database unavailable"}, status_code=503)
-
-
 # --- Passwords and tokens ----------------------------------------------------
 
 
-def hash_password(password: str) -> str:
+def hash_password(password: str) -> bytes:
     """Hash a password with a fresh salt at the configured bcrypt cost."""
-    salt = bcrypt.gensalt(settings.bcrypt_rounds)
-    return bcrypt.hashpw(password.encode(), salt).decode()
+    return bcrypt.hashpw(password.encode(), bcrypt.gensalt(settings.bcrypt_rounds))
 
 
-def verify_password(password: str, password_hash: str) -> bool:
+def verify_password(password: str, password_hash: bytes) -> bool:
     """Check a password against its hash; one over 72 bytes is simply wrong."""
-    password_bytes = password.encode()
-    # bcrypt 5 raises beyond 72 bytes; hash the first 72 anyway, so the time is the same.
-    matches = bcrypt.checkpw(password_bytes[:72], password_hash.encode())
-    return matches and len(password_bytes) <= 72
+    encoded = password.encode()
+    # bcrypt 5 raises beyond 72 bytes; check the first 72 anyway, so the time is the same.
+    return bcrypt.checkpw(encoded[:72], password_hash) and len(encoded) <= 72
 
 
 # Unknown emails are checked against this, so they cost as much as a wrong password.
@@ -204,8 +200,6 @@ class Token(BaseModel):
 
 
 class TaskCreate(BaseModel):
-    """A new task, or with PUT a task's full replacement."""
-
     title: Title
     description: Description | None = None
     done: StrictBool = False
@@ -268,7 +262,7 @@ async def read_credentials(request: Request) -> Credentials:
             return Credentials.model_validate_json(await request.body())
         return Credentials.model_validate(dict(await request.form()))
     except ValidationError as error:
-        raise RequestValidationError(error.errors(include_url=False)) from None
+        raise RequestValidationError(error.errors(include_input=False)) from None
 
 
 Login = Annotated[Credentials, Depends(read_credentials)]
@@ -369,6 +363,12 @@ def delete_task(task_id: TaskId, user: CurrentUser, db: DB) -> None:
 # --- The application ---------------------------------------------------------
 
 
+async def invalid_request(request: Request, error: RequestValidationError) -> Response:
+    """Answer 422 as FastAPI does, in ASCII JSON, which even a lone surrogate survives."""
+    body = json.dumps({"detail": error.errors()}, default=str)
+    return Response(body, 422, media_type="application/json")
+
+
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     """Apply the schema and settle the signing key before the first request."""
@@ -388,7 +388,7 @@ app = FastAPI(
     title="Todo API",
     lifespan=lifespan,
     responses={503: {"model": Message, "description": "Database unavailable"}},
-    exception_handlers={sqlite3.DatabaseError: database_unavailable},
+    exception_handlers={RequestValidationError: invalid_request},
 )
 app.include_router(router)
 if settings.cors_origins:
