@@ -572,6 +572,20 @@ def test_put_replaces_the_whole_task(client, auth):
     }
 
 
+def test_put_with_every_field(client, auth):
+    task = add_task(client, auth)
+    fields = {"title": "t2", "description": "d", "done": True, "due_date": "2027-01-31"}
+    response = client.put(f"/tasks/{task['id']}", json=fields, headers=auth)
+    assert response.status_code == 200
+    assert response.json() == task | fields
+
+
+def test_a_title_counts_its_200_characters_as_sent(client, auth):
+    response = client.post("/tasks", json={"title": " " + "x" * 200}, headers=auth)
+    assert response.status_code == 422
+    assert add_task(client, auth, title=" " + "x" * 199)["title"] == "x" * 199
+
+
 def test_put_requires_a_title(client, auth):
     task = add_task(client, auth)
     response = client.put(f"/tasks/{task['id']}", json={"done": True}, headers=auth)
@@ -682,7 +696,12 @@ def test_openapi_declares_the_password_flow_and_error_statuses(client):
 def test_openapi_says_password_bytes_and_title_stripping(client):
     schemas = client.get("/openapi.json").json()["components"]["schemas"]
     assert "72 bytes" in schemas["UserCreate"]["properties"]["password"]["description"]
-    assert "trimmed" in schemas["TaskCreate"]["properties"]["title"]["description"]
+    title = schemas["TaskCreate"]["properties"]["title"]
+    assert (
+        title["minLength"],
+        title["maxLength"],
+        "trimmed" in title["description"],
+    ) == (1, 200, True)
 
 
 # --- Settings and startup ----------------------------------------------------

@@ -168,8 +168,8 @@ EMAIL_PATTERN = r"^[^@\s]+@[^@\s]+\.[^@\s]+$"  # local@domain.tld, nothing stric
 Email = Annotated[str, StringConstraints(max_length=254, pattern=EMAIL_PATTERN)]
 PASSWORD_RULE = Field(max_length=72, description="8 to 72 bytes in UTF-8 (bcrypt)")
 Password = Annotated[str, PASSWORD_RULE, AfterValidator(password_bytes_in_range)]
-STRIPPED = StringConstraints(strip_whitespace=True, min_length=1, max_length=200)
-Title = Annotated[str, STRIPPED, Field(description="1 to 200 characters, trimmed")]
+TITLE = Field(max_length=200, pattern=r"\S", description="Not just spaces; trimmed")
+Title = Annotated[str, TITLE, AfterValidator(str.strip), Field(min_length=1)]
 Description = Annotated[str, StringConstraints(max_length=2000)]
 DueDate = Annotated[date, BeforeValidator(iso_date_text)]
 TaskId = Annotated[int, Path(ge=1, le=MAX_ID)]
@@ -350,7 +350,7 @@ def edit_task(task_id: TaskId, changes: TaskUpdate, user: CurrentUser, db: DB) -
 @router.put("/tasks/{task_id}", responses=UNAUTHORIZED | NOT_FOUND)
 def replace_task(task_id: TaskId, task: TaskCreate, user: CurrentUser, db: DB) -> Task:
     """Replace a task: a PATCH that sends every field, defaults included."""
-    return edit_task(task_id, TaskUpdate(**task.model_dump()), user, db)
+    return edit_task(task_id, TaskUpdate(**task.model_dump(mode="json")), user, db)
 
 
 @router.delete("/tasks/{task_id}", status_code=204, responses=UNAUTHORIZED | NOT_FOUND)
@@ -387,7 +387,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 app = FastAPI(
     title="Todo API",
     lifespan=lifespan,
-    responses={503: {"model": Message, "description": "Database unavailable"}},
+    responses={400: {"model": Message}, 503: {"model": Message}},
     exception_handlers={RequestValidationError: invalid_request},
 )
 app.include_router(router)
