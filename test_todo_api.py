@@ -704,6 +704,32 @@ def test_openapi_says_password_bytes_and_title_stripping(client):
     ) == (1, 200, True)
 
 
+def test_openapi_gives_every_error_a_body_shape(client):
+    spec = client.get("/openapi.json").json()
+    for path, operations in spec["paths"].items():
+        for method, operation in operations.items():
+            for status, response in operation["responses"].items():
+                if status.startswith(("4", "5")):
+                    assert response["content"]["application/json"]["schema"], (
+                        method,
+                        path,
+                        status,
+                    )
+            assert {"400", "503"} <= set(operation["responses"]), (method, path)
+
+
+def test_openapi_types_match_what_the_code_accepts(client):
+    schemas = client.get("/openapi.json").json()["components"]["schemas"]
+    update = schemas["TaskUpdate"]["properties"]
+    # May be left out, but never null: not documented as nullable.
+    assert (update["title"]["type"], update["done"]["type"]) == ("string", "boolean")
+    assert "default" not in update["title"] and "default" not in update["done"]
+    create = schemas["TaskCreate"]["properties"]
+    assert create["done"] == {"type": "boolean", "title": "Done", "default": False}
+    assert {"type": "string", "format": "date"} in create["due_date"]["anyOf"]
+    assert create["title"]["pattern"] == "\\S"  # not all white space
+
+
 # --- Settings and startup ----------------------------------------------------
 
 
