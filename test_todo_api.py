@@ -477,6 +477,7 @@ def test_list_tasks_oldest_first(client, auth):
     titles = [add_task(client, auth, title=f"task {n}")["title"] for n in range(3)]
     response = client.get("/tasks", headers=auth)
     assert response.status_code == 200
+    assert response.headers["content-type"] == "application/json"
     assert [task["title"] for task in response.json()] == titles
 
 
