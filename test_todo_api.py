@@ -107,6 +107,33 @@ def test_health_is_503_when_the_database_cannot_answer(client, database):
     assert response.json() == {"detail": "Database unavailable"}
 
 
+def test_a_database_error_inside_a_route_is_503(monkeypatch, tmp_path, caplog):
+    module = fresh_module(monkeypatch, tmp_path, APP_BCRYPT_ROUNDS="4")
+
+    @module.app.get("/failing")
+    def failing(db: module.DB) -> None:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    with TestClient(module.app) as client:
+        response = client.get("/failing")
+        assert response.status_code == 503
+        assert response.json() == {"detail": "Database unavailable"}
+        assert len(module.pool) == 1  # the connection went back to the pool
+    assert "Database error: disk I/O error" in caplog.text
+
+
+def test_connections_are_reused_and_closed_on_shutdown(database):
+    with TestClient(app) as client:
+        headers = log_in(client)
+        for _ in range(20):
+            assert client.get("/tasks", headers=headers).status_code == 200
+        assert len(todo_api.pool) == 1  # one request at a time needs one connection
+        connection = todo_api.pool[0]
+    assert todo_api.pool == []
+    with pytest.raises(sqlite3.ProgrammingError):
+        connection.execute("SELECT 1")
+
+
 # --- Registration ------------------------------------------------------------
 
 
@@ -601,30 +628,23 @@ def test_delete_task(client, auth):
     assert client.get(f"/tasks/{task['id']}", headers=auth).status_code == 404
 
 
-@pytest.mark.parametrize(
-    ("method", "body"),
-    [
-        ("GET", None),
-        ("PATCH", {"done": True}),
-        ("PUT", {"title": "t"}),
-        ("DELETE", None),
-    ],
-)
+# Every way to reach one task by its id, with a body where the method takes one.
+BY_ID = [
+    ("GET", None),
+    ("PATCH", {"done": True}),
+    ("PUT", {"title": "mine now"}),
+    ("DELETE", None),
+]
+
+
+@pytest.mark.parametrize(("method", "body"), BY_ID)
 def test_missing_task_is_404(client, auth, method, body):
     response = client.request(method, "/tasks/1", json=body, headers=auth)
     assert response.status_code == 404
     assert response.json() == {"detail": "Task not found"}
 
 
-@pytest.mark.parametrize(
-    ("method", "body"),
-    [
-        ("GET", None),
-        ("PATCH", {"done": True}),
-        ("PUT", {"title": "mine now"}),
-        ("DELETE", None),
-    ],
-)
+@pytest.mark.parametrize(("method", "body"), BY_ID)
 def test_another_users_task_does_not_exist(client, auth, method, body):
     task = add_task(client, auth, title="Ada's")
     intruder = log_in(client, "eve@example.com")
