@@ -1233,7 +1233,9 @@ def test_health_answers_promptly_while_logins_hash(tmp_path):
                 latencies.append(time.perf_counter() - started)
                 time.sleep(0.02)
         assert [login.result() for login in logins] == [401] * 4
-    assert len(latencies) >= 5 and max(latencies) < 0.25
+    assert len(latencies) >= 5 and max(latencies) < 0.25, (
+        f"/health latencies: {latencies}"
+    )
 
 
 def test_wrong_password_and_unknown_email_take_about_as_long(tmp_path):
@@ -1253,4 +1255,4 @@ def test_wrong_password_and_unknown_email_take_about_as_long(tmp_path):
                     timings[case].append(time.perf_counter() - started)
                     assert response.status_code == 401
     wrong, unknown = (statistics.median(timings[case]) for case in timings)
-    assert max(wrong, unknown) / min(wrong, unknown) < 1.5
+    assert max(wrong, unknown) / min(wrong, unknown) < 1.5, f"login timings: {timings}"
