@@ -1,10 +1,16 @@
 -- The Todo API's tables, applied on every start: IF NOT EXISTS keeps the data.
 -- AUTOINCREMENT never hands out an id twice, so a deleted user's token stays dead.
+-- One transaction, so a file has either all of this version or none of it.
 
+BEGIN IMMEDIATE;
+
+-- Emails are stored normalised and lower-cased by the app, so UNIQUE is enough.
+-- token_version is in every token; raising it (logout, new password) revokes them all.
 CREATE TABLE IF NOT EXISTS user (
   id INTEGER PRIMARY KEY AUTOINCREMENT,
-  email TEXT NOT NULL UNIQUE COLLATE NOCASE,
+  email TEXT NOT NULL UNIQUE,
   password_hash BLOB NOT NULL,
+  token_version INTEGER NOT NULL DEFAULT 0,
   created_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
 );
 
@@ -26,3 +32,18 @@ CREATE TABLE IF NOT EXISTS signing_key (
   id INTEGER PRIMARY KEY CHECK (id = 1),
   secret TEXT NOT NULL
 );
+
+-- Password checks per email in the current window, known accounts or not.
+-- window_start is Unix time; rows whose window has passed are deleted as others are written.
+CREATE TABLE IF NOT EXISTS login_attempt (
+  email TEXT PRIMARY KEY,
+  attempts INTEGER NOT NULL DEFAULT 1,
+  window_start REAL NOT NULL
+);
+
+CREATE INDEX IF NOT EXISTS login_attempt_window_start ON login_attempt (window_start);
+
+-- The version of this file. The app refuses a database that has tables and another version.
+PRAGMA user_version = 2;
+
+COMMIT;

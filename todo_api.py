@@ -1,53 +1,93 @@
-"""A task manager's API in one module; serve it with `uvicorn todo_api:app`."""
+"""A task manager's API in one module; serve it with `uvicorn todo_api:app`.
 
+Read it top to bottom: settings, the database, passwords and tokens, the login rate
+limit, the current user, the request and response models, the routes, the app.
+"""
+
+import base64
+import functools
+import hmac
 import json
 import logging
+import math
+import os
 import pathlib
 import re
 import secrets
 import sqlite3
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager, closing
+import time
+import unicodedata
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager, closing, suppress
 from datetime import UTC, date, datetime, timedelta
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
+import anyio
 import bcrypt
 import jwt
-from fastapi import Depends, FastAPI, HTTPException, Path, Query
+from email_validator import EmailNotValidError, validate_email
+from fastapi import (
+    APIRouter,
+    Depends,
+    FastAPI,
+    HTTPException,
+    Path,
+    Query,
+    Request,
+    Response,
+)
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.requests import Request
-from fastapi.responses import Response
-from fastapi.routing import APIRouter
+from fastapi.responses import JSONResponse
 from fastapi.security import OAuth2PasswordBearer
-from pydantic import AliasChoices, BaseModel, Field, ValidationError, field_validator
-from pydantic.functional_validators import AfterValidator, BeforeValidator
-from pydantic.type_adapter import TypeAdapter
-from pydantic.types import StrictBool, StringConstraints
+from pydantic import (
+    AfterValidator,
+    AliasChoices,
+    BaseModel,
+    BeforeValidator,
+    Field,
+    SecretStr,
+    StrictBool,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-logger = logging.getLogger("uvicorn.error")
+logger = logging.getLogger("uvicorn.error")  # uvicorn's own logger: shown by default
+Result = TypeVar("Result")
 
 
 # --- Settings ----------------------------------------------------------------
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="APP_", env_file=".env")
+    """Every setting, from APP_* variables or a .env file; bad values stop startup."""
+
+    # hide_input_in_errors: a mistyped secret key is never printed back in the error.
+    model_config = SettingsConfigDict(
+        env_prefix="APP_", env_file=".env", hide_input_in_errors=True
+    )
 
     database_path: str = "todo.db"
-    secret_key: str = ""  # empty: a key is generated once and kept in the database
+    # Empty: a key is generated once and kept in the database.
+    secret_key: SecretStr = SecretStr("")
     access_token_expire_minutes: int = Field(30, ge=1)
     bcrypt_rounds: int = Field(12, ge=4, le=31)
+    login_attempts: int = Field(10, ge=1)
+    login_window_seconds: int = Field(900, ge=1)
     cors_origins: Annotated[list[str], NoDecode] = []
 
     @field_validator("secret_key")
-    def long_enough(cls, key: str) -> str:
+    @classmethod
+    def long_enough(cls, key: SecretStr) -> SecretStr:
         """Refuse a key short enough to guess: HS256 wants at least 32 bytes."""
-        if key and len(key.encode()) < 32:
+        secret = key.get_secret_value()
+        if secret and len(secret.encode()) < 32:
             raise ValueError("APP_SECRET_KEY needs 32+ bytes: openssl rand -hex 32")
         return key
 
     @field_validator("cors_origins", mode="before")
+    @classmethod
     def split_origins(cls, origins: Any) -> Any:
         """Read origins as a JSON list or as comma-separated text."""
         if isinstance(origins, str) and not origins.startswith("["):
@@ -57,9 +97,26 @@ class Settings(BaseSettings):
 
 settings = Settings()
 
+
 # --- Database ----------------------------------------------------------------
+SCHEMA_PATH = pathlib.Path(__file__).with_name("schema.sql")
+SCHEMA_VERSION = 2  # the user_version that schema.sql sets
+MAX_CONNECTIONS = 40  # AnyIO's threads for sync routes: more could never run at once
+MAX_BODY_SIZE = 64 * 1024  # bytes: tasks and logins are small, and memory stays flat
+MAX_ID = 2**63 - 1  # SQLite's largest integer: a larger id is refused, never a 500
+
+USER_COLUMNS = "id, email, created_at"
+PASSWORD_COLUMNS = "id, email, password_hash, token_version"
+TASK_COLUMNS = "id, title, description, done, due_date, created_at"
+
 # Dates are stored as ISO text by our own adapter: sqlite3's defaults are deprecated.
 sqlite3.register_adapter(date, date.isoformat)
+
+
+def row_as_dict(cursor: sqlite3.Cursor, row: tuple) -> dict[str, Any]:
+    """Return each row as a dict, which the pydantic models read directly."""
+    names = [column[0] for column in cursor.description]
+    return dict(zip(names, row))
 
 
 def connect() -> sqlite3.Connection:
@@ -70,79 +127,172 @@ def connect() -> sqlite3.Connection:
         isolation_level=None,  # autocommit: each statement is committed as it finishes
         check_same_thread=False,  # FastAPI may run a request's steps on other threads
     )
-    connection.row_factory = lambda cursor, row: {  # rows as dicts, for the models
-        column[0]: value for column, value in zip(cursor.description, row)
-    }
+    connection.row_factory = row_as_dict
     connection.execute("PRAGMA foreign_keys = ON")  # off by default; cascades deletes
     connection.execute("PRAGMA journal_mode = WAL")  # readers never wait for writers
     connection.execute("PRAGMA synchronous = NORMAL")  # kill -9 safe; fewer disk syncs
     return connection
 
 
-# Idle connections for reuse. Only the event loop touches the list: none is ever shared.
-pool: list[sqlite3.Connection] = []
+# Open connections waiting for their next request. Only the event loop touches the
+# list, and the semaphore bounds how many exist however many requests arrive.
+idle_connections: list[sqlite3.Connection] = []
+connection_slots = anyio.Semaphore(MAX_CONNECTIONS)
+
+
+@asynccontextmanager
+async def database() -> AsyncIterator[sqlite3.Connection]:
+    """Lend a connection of the pool; when all are lent, wait for one to come back."""
+    async with connection_slots:
+        if idle_connections:
+            connection = idle_connections.pop()
+        else:
+            connection = await run_in_threadpool(connect)
+        try:
+            yield connection
+        finally:
+            idle_connections.append(connection)
 
 
 async def get_db() -> AsyncIterator[sqlite3.Connection]:
-    """Lend one request a connection of its own; if SQLite fails, answer 503, not 500."""
-    try:
-        connection = pool.pop() if pool else await run_in_threadpool(connect)
-        try:
-            yield connection  # every write commits before the route returns
-        finally:
-            pool.append(connection)
-    except sqlite3.DatabaseError as error:
-        logger.error("Database error: %s", error)
-        raise HTTPException(503, "Database unavailable") from error
+    """Lend one request a connection; every write commits before the route returns."""
+    async with database() as connection:
+        yield connection
 
 
 DB = Annotated[sqlite3.Connection, Depends(get_db)]
 
 
+async def run_in_database(step: Callable[..., Result], *args: Any) -> Result:
+    """Run a short database step of an async route in a thread, on a lent connection."""
+    async with database() as connection:
+        return await run_in_threadpool(step, connection, *args)
+
+
 # --- Passwords and tokens ----------------------------------------------------
+# Not a secret: it only makes our prehash differ from a plain SHA-256, so hashes
+# leaked by other sites cannot be tested against ours.
+PREHASH_KEY = b"todo-api password v1"
+if hasattr(os, "sched_getaffinity"):
+    CPU_CORES = len(os.sched_getaffinity(0))  # the cores this process may use
+else:
+    CPU_CORES = os.cpu_count() or 1
+# bcrypt runs at most once per core; waiting requests hold no thread and no connection.
+password_slots = anyio.CapacityLimiter(CPU_CORES)
+
+
+def normalize_email(address: str) -> str:
+    """Give every spelling of an address one form: email-validator's, lower-cased."""
+    return validate_email(address, check_deliverability=False).normalized.lower()
+
+
+def prehash(password: str) -> bytes:
+    """Reduce any password to 44 bytes, as bcrypt reads at most 72: nothing is cut."""
+    # NFKC: the same password typed on another keyboard is the same password.
+    text = unicodedata.normalize("NFKC", password)
+    digest = hmac.digest(PREHASH_KEY, text.encode(errors="surrogatepass"), "sha256")
+    return base64.b64encode(digest)
+
+
 def hash_password(password: str) -> bytes:
     """Hash a password with a fresh salt at the configured bcrypt cost."""
-    return bcrypt.hashpw(password.encode(), bcrypt.gensalt(settings.bcrypt_rounds))
+    return bcrypt.hashpw(prehash(password), bcrypt.gensalt(settings.bcrypt_rounds))
 
 
 def verify_password(password: str, password_hash: bytes) -> bool:
-    """Check a password against its hash; one over 72 bytes is simply wrong."""
-    encoded = password.encode()
-    # bcrypt 5 raises beyond 72 bytes; check the first 72 anyway, so the time is the same.
-    return bcrypt.checkpw(encoded[:72], password_hash) and len(encoded) <= 72
+    """Check a password against its hash."""
+    return bcrypt.checkpw(prehash(password), password_hash)
 
 
-# Unknown emails are checked against this, so they cost as much as a wrong password.
-DUMMY_HASH = hash_password(secrets.token_urlsafe())
+@functools.cache
+def dummy_hash(rounds: int) -> bytes:
+    """A hash to check unknown emails against, so they take as long as known ones."""
+    return bcrypt.hashpw(b"no account has this password", bcrypt.gensalt(rounds))
 
 
-def create_access_token(user_id: int) -> str:
-    """Sign a token naming the user, valid for the configured minutes."""
+async def in_password_thread(work: Callable[..., Result], *args: Any) -> Result:
+    """Run bcrypt work in a thread when a core is free, so logins cannot starve."""
+    return await anyio.to_thread.run_sync(work, *args, limiter=password_slots)
+
+
+def create_access_token(key: str, user_id: int, version: int) -> str:
+    """Sign a token naming the user and its session version, valid for a while."""
     now = datetime.now(UTC)
     expires = now + timedelta(minutes=settings.access_token_expire_minutes)
-    claims = {"sub": str(user_id), "iat": now, "exp": expires}
-    return jwt.encode(claims, settings.secret_key, algorithm="HS256")
+    claims = {"sub": str(user_id), "ver": version, "iat": now, "exp": expires}
+    return jwt.encode(claims, key, algorithm="HS256")
+
+
+# --- Login rate limit --------------------------------------------------------
+TOO_MANY_LOGINS = "Too many failed logins; try again later"
+
+
+def count_login_attempt(db: sqlite3.Connection, email: str) -> None:
+    """Count one password check for an email, or answer 429 once too many were made."""
+    now = time.time()
+    window = settings.login_window_seconds
+    # Stale counts go as new ones are written, so random emails cannot fill the table.
+    db.execute("DELETE FROM login_attempt WHERE window_start <= ?", (now - window,))
+    # One statement counts and reads: concurrent attempts each see their own number.
+    count = """
+        INSERT INTO login_attempt (email, window_start)
+        VALUES (?, ?)
+        ON CONFLICT (email) DO UPDATE SET attempts = attempts + 1
+        RETURNING attempts, window_start
+    """
+    attempt = db.execute(count, (email, now)).fetchone()
+    if attempt["attempts"] > settings.login_attempts:
+        seconds_left = math.ceil(attempt["window_start"] + window - now)
+        retry_after = {"Retry-After": str(max(1, seconds_left))}
+        raise HTTPException(429, TOO_MANY_LOGINS, headers=retry_after)
+
+
+def clear_login_attempts(db: sqlite3.Connection, email: str) -> None:
+    """Forget the counted checks of an email whose password was just right."""
+    db.execute("DELETE FROM login_attempt WHERE email = ?", (email,))
 
 
 # --- The current user --------------------------------------------------------
 oauth2_scheme = OAuth2PasswordBearer(tokenUrl="/auth/token")
 BEARER = {"WWW-Authenticate": "Bearer"}
-MAX_ID = 2**63 - 1  # SQLite's largest integer: a larger id is refused, never a 500
 
 
-def get_current_user(token: Annotated[str, Depends(oauth2_scheme)], db: DB) -> dict:
-    """Return the user a valid bearer token names, or answer 401."""
+def invalid_token() -> HTTPException:
+    """The one answer for every bad token, a revoked or a deleted user's included."""
+    return HTTPException(401, "Could not validate credentials", headers=BEARER)
+
+
+async def read_token(
+    token: Annotated[str, Depends(oauth2_scheme)], request: Request
+) -> tuple[int, int]:
+    """Return the user id and session version a valid token names, or answer 401."""
+    # async: checking a signature is quick, so it needs no trip to a thread.
     try:
         # Naming the algorithm refuses "alg: none" and tokens signed any other way.
-        options = {"require": ["exp", "sub"]}
-        claims = jwt.decode(token, settings.secret_key, ["HS256"], options=options)
-        user_id = int(claims["sub"])
-    except (jwt.InvalidTokenError, ValueError):
-        user_id = 0
-    query = "SELECT id, email, created_at FROM user WHERE id = ?"
-    user = db.execute(query, (user_id,)).fetchone() if 0 < user_id <= MAX_ID else None
-    if user is None:  # one answer for every bad token, a deleted user's included
-        raise HTTPException(401, "Could not validate credentials", headers=BEARER)
+        key = request.app.state.signing_key
+        required = {"require": ["exp", "sub", "ver"]}
+        claims = jwt.decode(token, key, algorithms=["HS256"], options=required)
+        user_id, version = int(claims["sub"]), int(claims["ver"])
+    except (jwt.InvalidTokenError, ValueError, TypeError):
+        raise invalid_token() from None
+    if not (0 < user_id <= MAX_ID and 0 <= version <= MAX_ID):
+        raise invalid_token()
+    return user_id, version
+
+
+TokenClaims = Annotated[tuple[int, int], Depends(read_token)]
+
+
+def get_current_user(claims: TokenClaims, db: DB) -> dict:
+    """Return the user a valid token names, unless the token was revoked since."""
+    query = f"""
+        SELECT {USER_COLUMNS}
+        FROM user
+        WHERE id = ? AND token_version = ?
+    """
+    user = db.execute(query, claims).fetchone()
+    if user is None:
+        raise invalid_token()
     return user
 
 
@@ -150,13 +300,6 @@ CurrentUser = Annotated[dict, Depends(get_current_user)]
 
 
 # --- Request and response models ---------------------------------------------
-def password_bytes_in_range(password: str) -> str:
-    """Measure a password in UTF-8 bytes, the unit of bcrypt's 72-byte limit."""
-    if not 8 <= len(password.encode()) <= 72:
-        raise ValueError("Password must be 8 to 72 bytes in UTF-8")
-    return password
-
-
 def iso_date_text(value: Any) -> Any:
     """Let through only YYYY-MM-DD text: lax pydantic would read 0 as 1970-01-01."""
     if isinstance(value, str) and re.fullmatch(r"[0-9]{4}-[0-9]{2}-[0-9]{2}", value):
@@ -164,17 +307,20 @@ def iso_date_text(value: Any) -> Any:
     raise ValueError("Input should be a date as a YYYY-MM-DD string")
 
 
-PASSWORD_RULE = Field(max_length=72, description="8 to 72 bytes in UTF-8 (bcrypt)")
+EMAIL = Field(max_length=254, json_schema_extra={"format": "email"})
+Email = Annotated[str, EMAIL, AfterValidator(normalize_email)]
+PASSWORD = Field(min_length=15, max_length=128, description="Any characters at all")
+Password = Annotated[str, PASSWORD]
 TITLE = Field(max_length=200, pattern=r"\S", description="Not just spaces; trimmed")
 Title = Annotated[str, TITLE, AfterValidator(str.strip), Field(min_length=1)]
-Description = Annotated[str, StringConstraints(max_length=2000)]
+Description = Annotated[str, Field(max_length=2000)]
 DueDate = Annotated[date, BeforeValidator(iso_date_text)]
 TaskId = Annotated[int, Path(ge=1, le=MAX_ID)]
 
 
 class UserCreate(BaseModel):
-    email: str = Field(max_length=254, pattern=r"^[^@\s]+@[^@\s]+\.[^@\s]+$")  # a@b.c
-    password: Annotated[str, PASSWORD_RULE, AfterValidator(password_bytes_in_range)]
+    email: Email
+    password: Password
 
 
 class User(BaseModel):
@@ -190,9 +336,14 @@ class Credentials(BaseModel):
     password: str
 
 
+class PasswordChange(BaseModel):
+    current_password: str
+    new_password: Password
+
+
 class Token(BaseModel):
     access_token: str
-    token_type: str = "bearer"
+    token_type: str
     expires_in: int
 
 
@@ -225,79 +376,153 @@ class Message(BaseModel):
     detail: str
 
 
+# --- What the routes answer, for /docs and generated clients -----------------
+def headers_schema(headers: dict[str, str]) -> dict:
+    """Describe response headers as OpenAPI does: each a string, with a description."""
+    return {
+        name: {"description": text, "schema": {"type": "string"}}
+        for name, text in headers.items()
+    }
+
+
+def error(description: str, headers: dict[str, str] | None = None) -> dict:
+    """Describe an error answer: a JSON `detail`, maybe with headers."""
+    return {
+        "model": Message,
+        "description": description,
+        "headers": headers_schema(headers or {}),
+    }
+
+
+INCORRECT_LOGIN = "Incorrect email or password"
+CREATED = {
+    201: {"headers": headers_schema({"Location": "Where to read what was made"})}
+}
+UNAUTHORIZED = {401: error("Missing, invalid, expired or revoked token", BEARER)}
+NOT_FOUND = {404: error("Not one of the caller's tasks")}
+RETRY_AFTER = {"Retry-After": "Seconds until the email may try again"}
+TOO_MANY = {429: error(TOO_MANY_LOGINS, RETRY_AFTER)}
+REGISTER_ERRORS = {409: error("Email already registered")}
+PASSWORD_ERRORS = {403: error("Incorrect password")}
+# The login reads its own body, so FastAPI cannot document its 422 by itself.
+VALIDATION_ERROR = {"$ref": "#/components/schemas/HTTPValidationError"}
+LOGIN_ERRORS = {
+    401: error(INCORRECT_LOGIN, BEARER),
+    415: error("The body is neither JSON nor a form"),
+    422: {
+        "description": "Validation Error",
+        "content": {"application/json": {"schema": VALIDATION_ERROR}},
+    },
+}
+# FastAPI documents one body type per route, and the login reads two.
+FORM = "application/x-www-form-urlencoded"
+LOGIN_SCHEMA = {"schema": Credentials.model_json_schema()}
+LOGIN_TYPES = {FORM: LOGIN_SCHEMA, "application/json": LOGIN_SCHEMA}
+LOGIN_BODY = {"requestBody": {"required": True, "content": LOGIN_TYPES}}
+# Any route may answer these, so they are declared once, for the whole app.
+PLAIN_TEXT = {"content": {"text/plain": {"schema": {"type": "string"}}}}
+APP_ERRORS = {
+    400: error("The body is not valid UTF-8"),
+    413: error("The body is over 64 KiB") | PLAIN_TEXT,
+    503: error("The database cannot answer"),
+}
+
+
 # --- Routes ------------------------------------------------------------------
-router = APIRouter()
-UNAUTHORIZED = {401: {"model": Message, "description": "Missing or invalid token"}}
-NOT_FOUND = {404: {"model": Message, "description": "Task not found"}}
+health_routes = APIRouter(tags=["health"])
+auth_routes = APIRouter(prefix="/auth", tags=["auth"])
+user_routes = APIRouter(prefix="/users/me", tags=["users"], responses=UNAUTHORIZED)
+task_routes = APIRouter(prefix="/tasks", tags=["tasks"], responses=UNAUTHORIZED)
 TaskList = TypeAdapter(list[Task])
 
 
-@router.get("/health")
+@health_routes.get("/health")
 def health(db: DB) -> dict[str, str]:
     """Answer ok once the database has answered a real query."""
     db.execute("SELECT count(*) FROM user").fetchone()
     return {"status": "ok"}
 
 
-@router.post("/auth/register", status_code=201, responses={409: {"model": Message}})
-def register(new_user: UserCreate, db: DB, response: Response) -> User:
-    """Create an account; the email must be free, whatever its case."""
-    password_hash = hash_password(new_user.password)
-    insert = "INSERT INTO user (email, password_hash) VALUES (?, ?) RETURNING id, email, created_at"
-    try:
-        user = db.execute(insert, (new_user.email, password_hash)).fetchone()
-    except sqlite3.IntegrityError:  # the UNIQUE email, even when two requests race
-        raise HTTPException(409, "Email already registered") from None
+@auth_routes.post("/register", status_code=201, responses=CREATED | REGISTER_ERRORS)
+async def register(new_user: UserCreate, response: Response) -> User:
+    """Create an account; the email must be free, however it is spelled."""
+    password_hash = await in_password_thread(hash_password, new_user.password)
+    user = await run_in_database(insert_user, new_user.email, password_hash)
     response.headers["Location"] = "/users/me"
     return user
 
 
 async def read_credentials(request: Request) -> Credentials:
     """Read a login from the OAuth2 form or, for HTTPie and scripts, from JSON."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip()
     try:
-        if request.headers.get("content-type", "").startswith("application/json"):
+        if content_type.lower() == "application/json":
             return Credentials.model_validate_json(await request.body())
-        return Credentials.model_validate(dict(await request.form()))
+        if content_type.lower() == FORM:
+            return Credentials.model_validate(dict(await request.form()))
     except ValidationError as error:
         raise RequestValidationError(error.errors(include_input=False)) from None
+    # Multipart would be spooled to disk, and a login has no file to send.
+    raise HTTPException(415, f"Send the login as JSON or as {FORM}")
 
 
 Login = Annotated[Credentials, Depends(read_credentials)]
-# FastAPI documents one body type per route, and this route reads two.
-LOGIN_SCHEMA = {"schema": Credentials.model_json_schema()}
-FORM = "application/x-www-form-urlencoded"
-LOGIN_TYPES = {FORM: LOGIN_SCHEMA, "application/json": LOGIN_SCHEMA}
-LOGIN_BODY = {"requestBody": {"required": True, "content": LOGIN_TYPES}}
-INVALID = {422: {"model": dict[str, list[dict]], "description": "Validation Error"}}
 
 
-@router.post("/auth/token", responses=UNAUTHORIZED | INVALID, openapi_extra=LOGIN_BODY)
-def login(credentials: Login, db: DB) -> Token:
-    """Trade an email and password for a bearer token."""
-    query = "SELECT id, password_hash FROM user WHERE email = ?"
-    user = db.execute(query, (credentials.username,)).fetchone()
+@auth_routes.post("/token", responses=LOGIN_ERRORS | TOO_MANY, openapi_extra=LOGIN_BODY)
+async def login(credentials: Login, request: Request, response: Response) -> Token:
+    """Trade an email and password for a bearer token; guessing is rate-limited."""
+    try:
+        email = normalize_email(credentials.username)
+    except EmailNotValidError:  # no account can have it: nothing to check or count
+        raise HTTPException(401, INCORRECT_LOGIN, headers=BEARER) from None
+    user = await run_in_database(find_user_for_login, email)
     # An unknown email is checked against a dummy hash: both failures take as long.
-    stored_hash = user["password_hash"] if user else DUMMY_HASH
-    if not verify_password(credentials.password, stored_hash) or user is None:
-        raise HTTPException(401, "Incorrect email or password", headers=BEARER)
-    expires_in = settings.access_token_expire_minutes * 60
-    return Token(access_token=create_access_token(user["id"]), expires_in=expires_in)
+    stored_hash = user["password_hash"] if user else dummy_hash(settings.bcrypt_rounds)
+    password = credentials.password
+    correct = await in_password_thread(verify_password, password, stored_hash)
+    if user is None or not correct:
+        raise HTTPException(401, INCORRECT_LOGIN, headers=BEARER)
+    await run_in_database(clear_login_attempts, email)
+    return token_answer(request, response, user["id"], user["token_version"])
 
 
-@router.get("/users/me", responses=UNAUTHORIZED)
+@auth_routes.post("/logout", status_code=204, responses=UNAUTHORIZED)
+def logout(user: CurrentUser, db: DB) -> None:
+    """Log out everywhere: every token of the caller issued until now is refused."""
+    revoke = "UPDATE user SET token_version = token_version + 1 WHERE id = ?"
+    db.execute(revoke, (user["id"],))
+
+
+@user_routes.get("")
 async def read_me(user: CurrentUser) -> User:
     """Show the logged-in user."""
     return user
 
 
-@router.delete("/users/me", status_code=204, responses=UNAUTHORIZED)
+@user_routes.put("/password", responses=PASSWORD_ERRORS | TOO_MANY)
+async def change_password(
+    change: PasswordChange, claims: TokenClaims, request: Request, response: Response
+) -> Token:
+    """Set a new password: every older token is refused, and a fresh one returned."""
+    # No DB dependency: its connection would be held while waiting for bcrypt.
+    user = await run_in_database(find_user_for_password_change, claims)
+    current, stored_hash = change.current_password, user["password_hash"]
+    if not await in_password_thread(verify_password, current, stored_hash):
+        raise HTTPException(403, "Incorrect password")
+    new_hash = await in_password_thread(hash_password, change.new_password)
+    version = await run_in_database(store_new_password, user, new_hash)
+    return token_answer(request, response, user["id"], version)
+
+
+@user_routes.delete("", status_code=204)
 def delete_me(user: CurrentUser, db: DB) -> None:
     """Delete the account and, through the foreign key, all of its tasks."""
     db.execute("DELETE FROM user WHERE id = ?", (user["id"],))
 
 
-@router.get("/tasks", response_model=list[Task], responses=UNAUTHORIZED)
-@router.get("/tasks/", response_model=list[Task], include_in_schema=False)
+@task_routes.get("", response_model=list[Task])
+@task_routes.get("/", response_model=list[Task], include_in_schema=False)
 def list_tasks(
     user: CurrentUser,
     db: DB,
@@ -306,95 +531,261 @@ def list_tasks(
     offset: Annotated[int, Query(ge=0, le=MAX_ID)] = 0,
 ) -> Response:
     """List the caller's tasks, oldest first, optionally only done or open ones."""
-    query = "SELECT id, title, description, done, due_date, created_at FROM task WHERE owner_id = ? AND (? IS NULL OR done = ?) ORDER BY id LIMIT ? OFFSET ?"
+    query = f"""
+        SELECT {TASK_COLUMNS}
+        FROM task
+        WHERE owner_id = ? AND (? IS NULL OR done = ?)
+        ORDER BY id
+        LIMIT ? OFFSET ?
+    """
     tasks = db.execute(query, (user["id"], done, done, limit, offset)).fetchall()
     # Validated and serialised here, in this thread: FastAPI would take one more hop.
     body = TaskList.dump_json(TaskList.validate_python(tasks))
     return Response(body, media_type="application/json")
 
 
-@router.post("/tasks", status_code=201, responses=UNAUTHORIZED)
-@router.post("/tasks/", status_code=201, include_in_schema=False)
+@task_routes.post("", status_code=201, responses=CREATED)
+@task_routes.post("/", status_code=201, include_in_schema=False)
 def add_task(task: TaskCreate, user: CurrentUser, db: DB, response: Response) -> Task:
     """Add a task for the caller."""
-    insert = "INSERT INTO task (owner_id, title, description, done, due_date) VALUES (?, ?, ?, ?, ?) RETURNING id, title, description, done, due_date, created_at"
+    insert = f"""
+        INSERT INTO task (owner_id, title, description, done, due_date)
+        VALUES (?, ?, ?, ?, ?)
+        RETURNING {TASK_COLUMNS}
+    """
     values = (user["id"], task.title, task.description, task.done, task.due_date)
-    created = db.execute(insert, values).fetchone()
+    try:
+        created = db.execute(insert, values).fetchone()
+    except sqlite3.IntegrityError:  # the owner was deleted a moment ago
+        raise invalid_token() from None
     response.headers["Location"] = f"/tasks/{created['id']}"
     return created
 
 
-@router.get("/tasks/{task_id}", responses=UNAUTHORIZED | NOT_FOUND)
+@task_routes.get("/{task_id}", responses=NOT_FOUND)
 def read_task(task_id: TaskId, user: CurrentUser, db: DB) -> Task:
     """Show one of the caller's tasks; another user's task does not exist for them."""
-    query = "SELECT id, title, description, done, due_date, created_at FROM task WHERE id = ? AND owner_id = ?"
-    task = db.execute(query, (task_id, user["id"])).fetchone()
+    return find_task(db, task_id, user["id"])
+
+
+@task_routes.patch("/{task_id}", responses=NOT_FOUND)
+def edit_task(task_id: TaskId, changes: TaskUpdate, user: CurrentUser, db: DB) -> Task:
+    """Change only the fields sent; null clears the description or the due date."""
+    return update_task(db, task_id, user["id"], changes.model_dump(exclude_unset=True))
+
+
+@task_routes.put("/{task_id}", responses=NOT_FOUND)
+def replace_task(task_id: TaskId, task: TaskCreate, user: CurrentUser, db: DB) -> Task:
+    """Replace a task: fields left out go back to their defaults."""
+    return update_task(db, task_id, user["id"], task.model_dump())
+
+
+@task_routes.delete("/{task_id}", status_code=204, responses=NOT_FOUND)
+def delete_task(task_id: TaskId, user: CurrentUser, db: DB) -> None:
+    """Delete one of the caller's tasks."""
+    delete = "DELETE FROM task WHERE id = ? AND owner_id = ? RETURNING id"
+    if db.execute(delete, (task_id, user["id"])).fetchone() is None:
+        raise HTTPException(404, "Task not found")
+
+
+# --- What the routes share ---------------------------------------------------
+def insert_user(db: sqlite3.Connection, email: str, password_hash: bytes) -> dict:
+    """Store a new account, or answer 409 if the email is taken, even in a race."""
+    insert = f"""
+        INSERT INTO user (email, password_hash)
+        VALUES (?, ?)
+        RETURNING {USER_COLUMNS}
+    """
+    try:
+        return db.execute(insert, (email, password_hash)).fetchone()
+    except sqlite3.IntegrityError:  # the UNIQUE email
+        raise HTTPException(409, "Email already registered") from None
+
+
+def find_user_for_login(db: sqlite3.Connection, email: str) -> dict | None:
+    """Count a login attempt (429 when spent), then read the account it names."""
+    count_login_attempt(db, email)
+    # The version is read with the hash: a logout during the check revokes this token.
+    query = f"""
+        SELECT {PASSWORD_COLUMNS}
+        FROM user
+        WHERE email = ?
+    """
+    return db.execute(query, (email,)).fetchone()
+
+
+def find_user_for_password_change(
+    db: sqlite3.Connection, claims: tuple[int, int]
+) -> dict:
+    """Read the token's account (401 if revoked), then count the password check."""
+    query = f"""
+        SELECT {PASSWORD_COLUMNS}
+        FROM user
+        WHERE id = ? AND token_version = ?
+    """
+    user = db.execute(query, claims).fetchone()
+    if user is None:
+        raise invalid_token()
+    count_login_attempt(db, user["email"])
+    return user
+
+
+def store_new_password(db: sqlite3.Connection, user: dict, password_hash: bytes) -> int:
+    """Store a new hash and revoke every older token; return the new version."""
+    # Only if nothing changed since the check: a logout meanwhile makes this a 401.
+    update = """
+        UPDATE user
+        SET password_hash = ?, token_version = token_version + 1
+        WHERE id = ? AND token_version = ?
+        RETURNING token_version
+    """
+    values = (password_hash, user["id"], user["token_version"])
+    changed = db.execute(update, values).fetchone()
+    if changed is None:
+        raise invalid_token()
+    clear_login_attempts(db, user["email"])
+    return changed["token_version"]
+
+
+def token_answer(
+    request: Request, response: Response, user_id: int, version: int
+) -> Token:
+    """Sign a token for the login and password routes; no cache may keep it."""
+    response.headers["Cache-Control"] = "no-store"
+    key = request.app.state.signing_key
+    return Token(
+        access_token=create_access_token(key, user_id, version),
+        token_type="bearer",
+        expires_in=settings.access_token_expire_minutes * 60,
+    )
+
+
+def find_task(db: sqlite3.Connection, task_id: int, owner_id: int) -> dict:
+    """Return one of the owner's tasks, or answer 404."""
+    query = f"""
+        SELECT {TASK_COLUMNS}
+        FROM task
+        WHERE id = ? AND owner_id = ?
+    """
+    task = db.execute(query, (task_id, owner_id)).fetchone()
     if task is None:
         raise HTTPException(404, "Task not found")
     return task
 
 
-@router.patch("/tasks/{task_id}", responses=UNAUTHORIZED | NOT_FOUND)
-def edit_task(task_id: TaskId, changes: TaskUpdate, user: CurrentUser, db: DB) -> Task:
-    """Change only the fields sent; null clears the description or the due date."""
+def update_task(
+    db: sqlite3.Connection, task_id: int, owner_id: int, changes: dict
+) -> dict:
+    """Apply changes to one of the owner's tasks and return it as stored."""
+    update = f"""
+        UPDATE task
+        SET title = ?, description = ?, done = ?, due_date = ?
+        WHERE id = ?
+        RETURNING {TASK_COLUMNS}
+    """
     with db:  # commits at the end of the block, or rolls back on an error
         # Lock for writing first: no other write slips between our read and write.
         db.execute("BEGIN IMMEDIATE")
-        task = Task.model_validate(read_task(task_id, user, db))
-        task = task.model_copy(update=changes.model_dump(exclude_unset=True))
-        update = "UPDATE task SET title = ?, description = ?, done = ?, due_date = ? WHERE id = ? RETURNING id, title, description, done, due_date, created_at"
-        values = (task.title, task.description, task.done, task.due_date, task_id)
-        return db.execute(update, values).fetchone()
-
-
-@router.put("/tasks/{task_id}", responses=UNAUTHORIZED | NOT_FOUND)
-def replace_task(task_id: TaskId, task: TaskCreate, user: CurrentUser, db: DB) -> Task:
-    """Replace a task: a PATCH that sends every field, defaults included."""
-    return edit_task(task_id, TaskUpdate(**task.model_dump(mode="json")), user, db)
-
-
-@router.delete("/tasks/{task_id}", status_code=204, responses=UNAUTHORIZED | NOT_FOUND)
-def delete_task(task_id: TaskId, user: CurrentUser, db: DB) -> None:
-    """Delete one of the caller's tasks."""
-    read_task(task_id, user, db)
-    db.execute("DELETE FROM task WHERE id = ? AND owner_id = ?", (task_id, user["id"]))
+        task = find_task(db, task_id, owner_id) | changes
+        values = (task["title"], task["description"], task["done"], task["due_date"])
+        return db.execute(update, (*values, task_id)).fetchone()
 
 
 # --- The application ---------------------------------------------------------
 async def invalid_request(request: Request, error: RequestValidationError) -> Response:
-    """Answer 422 as FastAPI does, in ASCII JSON, which even a lone surrogate survives."""
-    body = json.dumps({"detail": error.errors()}, default=str)
+    """Answer 422 as FastAPI does, without echoing the input: it may be a password."""
+    problems = [
+        {name: value for name, value in problem.items() if name != "input"}
+        for problem in error.errors()
+    ]
+    # json.dumps writes ASCII, which even a lone surrogate in a message survives.
+    body = json.dumps({"detail": problems}, default=str)
     return Response(body, 422, media_type="application/json")
+
+
+async def database_unavailable(request: Request, error: sqlite3.Error) -> Response:
+    """Answer 503, not 500, when SQLite cannot answer: a broken file, a full disk."""
+    logger.error("Database error: %s", error)
+    return JSONResponse({"detail": "Database unavailable"}, 503)
+
+
+async def refuse_large_body(request: Request) -> None:
+    """Answer 413 before any route runs when the declared body is over the limit."""
+    # max_body_size alone answers 413 only once the body is read, or after a route
+    # that never reads it (logout, a delete) has already done its work.
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_SIZE:
+        raise HTTPException(413, "Content Too Large")
+
+
+def make_private(path: str) -> None:
+    """Let only the owner read the database file, since it holds the signing key."""
+    # Created 0600 before SQLite would create it 0644; SQLite's -wal and -shm follow.
+    os.close(os.open(path, os.O_CREAT, 0o600))
+    for name in (path, f"{path}-wal", f"{path}-shm"):
+        with suppress(FileNotFoundError):
+            os.chmod(name, 0o600)
+
+
+def apply_schema(db: sqlite3.Connection) -> None:
+    """Create what is missing; refuse a file made by another version of the schema."""
+    version = db.execute("PRAGMA user_version").fetchone()["user_version"]
+    tables = db.execute("SELECT count(*) AS count FROM sqlite_master").fetchone()
+    if tables["count"] and version != SCHEMA_VERSION:
+        raise RuntimeError(
+            f"{settings.database_path} was made by another version of this app "
+            f"(schema version {version}, this one needs {SCHEMA_VERSION}). Move it "
+            "away, or delete it, and start again: a new database will be created."
+        )
+    db.executescript(SCHEMA_PATH.read_text())
+
+
+def stored_signing_key(db: sqlite3.Connection) -> str:
+    """Return the key kept in the database, storing a new one on the first start."""
+    # The first worker to start stores its key; every worker and restart reads it.
+    insert = "INSERT OR IGNORE INTO signing_key (id, secret) VALUES (1, ?)"
+    db.execute(insert, (secrets.token_urlsafe(32),))
+    return db.execute("SELECT secret FROM signing_key").fetchone()["secret"]
 
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    """Apply the schema and settle the signing key before the first request."""
+    """Check the database, apply the schema and settle the signing key, then serve."""
+    key = settings.secret_key.get_secret_value()
+    if not key:
+        make_private(settings.database_path)
     with closing(connect()) as db:
-        db.executescript(pathlib.Path(__file__).with_name("schema.sql").read_text())
-        if not settings.secret_key:
-            # The first worker to start stores a key; every worker and restart reads it.
-            insert = "INSERT OR IGNORE INTO signing_key (id, secret) VALUES (1, ?)"
-            db.execute(insert, (secrets.token_urlsafe(32),))
-            key = db.execute("SELECT secret FROM signing_key").fetchone()["secret"]
-            settings.secret_key = key
+        apply_schema(db)
+        if not key:
+            key = stored_signing_key(db)
             logger.warning("APP_SECRET_KEY unset: using the key kept in the database")
+    app.state.signing_key = key
+    dummy_hash(settings.bcrypt_rounds)  # made now, not during the first login
     yield
-    while pool:
-        pool.pop().close()
+    while idle_connections:
+        idle_connections.pop().close()
 
 
 app = FastAPI(
     title="Todo API",
     lifespan=lifespan,
-    responses={400: {"model": Message}, 503: {"model": Message}},
-    exception_handlers={RequestValidationError: invalid_request},
+    max_body_size=MAX_BODY_SIZE,  # 413 as soon as more is read
+    dependencies=[Depends(refuse_large_body)],
+    responses=APP_ERRORS,
+    exception_handlers={
+        RequestValidationError: invalid_request,
+        sqlite3.Error: database_unavailable,
+    },
+    generate_unique_id_function=lambda route: route.name,  # operationId: the function
+    swagger_ui_parameters={"persistAuthorization": True},  # stay logged in on reload
 )
-app.include_router(router)
+for routes in (health_routes, auth_routes, user_routes, task_routes):
+    app.include_router(routes)
 if settings.cors_origins:
     app.add_middleware(
         CORSMiddleware,
         allow_origins=settings.cors_origins,
         allow_methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
         allow_headers=["Authorization", "Content-Type"],
+        expose_headers=["Location", "Retry-After"],
     )
