@@ -1,8 +1,4 @@
-"""A task manager's API in one module; serve it with `uvicorn todo_api:app`.
-
-Read it top to bottom: settings, the database, passwords and tokens, the login rate
-limit, the current user, the request and response models, the routes, the app.
-"""
+"""A task manager's API in one module; serve it with `uvicorn todo_api:app`."""
 
 import base64
 import functools
@@ -20,7 +16,7 @@ import unicodedata
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, closing, suppress
 from datetime import UTC, date, datetime, timedelta
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import anyio
 import bcrypt
@@ -56,7 +52,6 @@ from pydantic import (
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 logger = logging.getLogger("uvicorn.error")  # uvicorn's own logger: shown by default
-Result = TypeVar("Result")
 
 
 # --- Settings ----------------------------------------------------------------
@@ -69,8 +64,7 @@ class Settings(BaseSettings):
     )
 
     database_path: str = "todo.db"
-    # Empty: a key is generated once and kept in the database.
-    secret_key: SecretStr = SecretStr("")
+    secret_key: SecretStr = SecretStr("")  # empty: one is made, kept in the database
     access_token_expire_minutes: int = Field(30, ge=1)
     bcrypt_rounds: int = Field(12, ge=4, le=31)
     login_attempts: int = Field(10, ge=1)
@@ -140,8 +134,7 @@ idle_connections: list[sqlite3.Connection] = []
 connection_slots = anyio.Semaphore(MAX_CONNECTIONS)
 
 
-@asynccontextmanager
-async def database() -> AsyncIterator[sqlite3.Connection]:
+async def get_db() -> AsyncIterator[sqlite3.Connection]:
     """Lend a connection of the pool; when all are lent, wait for one to come back."""
     async with connection_slots:
         if idle_connections:
@@ -154,16 +147,12 @@ async def database() -> AsyncIterator[sqlite3.Connection]:
             idle_connections.append(connection)
 
 
-async def get_db() -> AsyncIterator[sqlite3.Connection]:
-    """Lend one request a connection; every write commits before the route returns."""
-    async with database() as connection:
-        yield connection
-
-
+# Every write commits before the route returns, never in this dependency's cleanup.
 DB = Annotated[sqlite3.Connection, Depends(get_db)]
+database = asynccontextmanager(get_db)  # the same, for the short steps of async routes
 
 
-async def run_in_database(step: Callable[..., Result], *args: Any) -> Result:
+async def run_in_database(step: Callable[..., Any], *args: Any) -> Any:
     """Run a short database step of an async route in a thread, on a lent connection."""
     async with database() as connection:
         return await run_in_threadpool(step, connection, *args)
@@ -210,7 +199,7 @@ def dummy_hash(rounds: int) -> bytes:
     return bcrypt.hashpw(b"no account has this password", bcrypt.gensalt(rounds))
 
 
-async def in_password_thread(work: Callable[..., Result], *args: Any) -> Result:
+async def in_password_thread(work: Callable[..., Any], *args: Any) -> Any:
     """Run bcrypt work in a thread when a core is free, so logins cannot starve."""
     return await anyio.to_thread.run_sync(work, *args, limiter=password_slots)
 
@@ -255,6 +244,7 @@ def clear_login_attempts(db: sqlite3.Connection, email: str) -> None:
 # --- The current user --------------------------------------------------------
 oauth2_scheme = OAuth2PasswordBearer(tokenUrl="/auth/token")
 BEARER = {"WWW-Authenticate": "Bearer"}
+Claims = tuple[int, int]  # a token's user id and token version
 
 
 def invalid_token() -> HTTPException:
@@ -264,7 +254,7 @@ def invalid_token() -> HTTPException:
 
 async def read_token(
     token: Annotated[str, Depends(oauth2_scheme)], request: Request
-) -> tuple[int, int]:
+) -> Claims:
     """Return the user id and session version a valid token names, or answer 401."""
     # async: checking a signature is quick, so it needs no trip to a thread.
     try:
@@ -280,7 +270,7 @@ async def read_token(
     return user_id, version
 
 
-TokenClaims = Annotated[tuple[int, int], Depends(read_token)]
+TokenClaims = Annotated[Claims, Depends(read_token)]
 
 
 def get_current_user(claims: TokenClaims, db: DB) -> dict:
@@ -484,7 +474,8 @@ async def login(credentials: Login, request: Request, response: Response) -> Tok
     if user is None or not correct:
         raise HTTPException(401, INCORRECT_LOGIN, headers=BEARER)
     await run_in_database(clear_login_attempts, email)
-    return token_answer(request, response, user["id"], user["token_version"])
+    key, version = request.app.state.signing_key, user["token_version"]
+    return token_answer(response, key, user["id"], version)
 
 
 @auth_routes.post("/logout", status_code=204, responses=UNAUTHORIZED)
@@ -512,7 +503,7 @@ async def change_password(
         raise HTTPException(403, "Incorrect password")
     new_hash = await in_password_thread(hash_password, change.new_password)
     version = await run_in_database(store_new_password, user, new_hash)
-    return token_answer(request, response, user["id"], version)
+    return token_answer(response, request.app.state.signing_key, user["id"], version)
 
 
 @user_routes.delete("", status_code=204)
@@ -614,9 +605,7 @@ def find_user_for_login(db: sqlite3.Connection, email: str) -> dict | None:
     return db.execute(query, (email,)).fetchone()
 
 
-def find_user_for_password_change(
-    db: sqlite3.Connection, claims: tuple[int, int]
-) -> dict:
+def find_user_for_password_change(db: sqlite3.Connection, claims: Claims) -> dict:
     """Read the token's account (401 if revoked), then count the password check."""
     query = f"""
         SELECT {PASSWORD_COLUMNS}
@@ -647,12 +636,9 @@ def store_new_password(db: sqlite3.Connection, user: dict, password_hash: bytes)
     return changed["token_version"]
 
 
-def token_answer(
-    request: Request, response: Response, user_id: int, version: int
-) -> Token:
+def token_answer(response: Response, key: str, user_id: int, version: int) -> Token:
     """Sign a token for the login and password routes; no cache may keep it."""
     response.headers["Cache-Control"] = "no-store"
-    key = request.app.state.signing_key
     return Token(
         access_token=create_access_token(key, user_id, version),
         token_type="bearer",
