@@ -131,7 +131,8 @@ def connect() -> sqlite3.Connection:
 # Open connections waiting for their next request. Only the event loop touches the
 # list, and the semaphore bounds how many exist however many requests arrive.
 idle_connections: list[sqlite3.Connection] = []
-connection_slots = anyio.Semaphore(MAX_CONNECTIONS)
+# fast_acquire: a free slot is taken without a pass through the event loop.
+connection_slots = anyio.Semaphore(MAX_CONNECTIONS, fast_acquire=True)
 
 
 async def get_db() -> AsyncIterator[sqlite3.Connection]:
@@ -243,6 +244,7 @@ def clear_login_attempts(db: sqlite3.Connection, email: str) -> None:
 
 # --- The current user --------------------------------------------------------
 oauth2_scheme = OAuth2PasswordBearer(tokenUrl="/auth/token")
+BearerToken = Annotated[str, Depends(oauth2_scheme)]
 BEARER = {"WWW-Authenticate": "Bearer"}
 Claims = tuple[int, int]  # a token's user id and token version
 
@@ -252,14 +254,10 @@ def invalid_token() -> HTTPException:
     return HTTPException(401, "Could not validate credentials", headers=BEARER)
 
 
-async def read_token(
-    token: Annotated[str, Depends(oauth2_scheme)], request: Request
-) -> Claims:
-    """Return the user id and session version a valid token names, or answer 401."""
-    # async: checking a signature is quick, so it needs no trip to a thread.
+def read_token(token: str, key: str) -> Claims:
+    """Return the user id and token version a valid token names, or answer 401."""
     try:
         # Naming the algorithm refuses "alg: none" and tokens signed any other way.
-        key = request.app.state.signing_key
         required = {"require": ["exp", "sub", "ver"]}
         claims = jwt.decode(token, key, algorithms=["HS256"], options=required)
         user_id, version = int(claims["sub"]), int(claims["ver"])
@@ -270,11 +268,9 @@ async def read_token(
     return user_id, version
 
 
-TokenClaims = Annotated[Claims, Depends(read_token)]
-
-
-def get_current_user(claims: TokenClaims, db: DB) -> dict:
+def get_current_user(token: BearerToken, request: Request, db: DB) -> dict:
     """Return the user a valid token names, unless the token was revoked since."""
+    claims = read_token(token, request.app.state.signing_key)
     query = f"""
         SELECT {USER_COLUMNS}
         FROM user
@@ -426,6 +422,18 @@ task_routes = APIRouter(prefix="/tasks", tags=["tasks"], responses=UNAUTHORIZED)
 TaskList = TypeAdapter(list[Task])
 
 
+async def refuse_large_body(request: Request) -> None:
+    """Answer 413 before a route that reads no body runs, if one over the limit came."""
+    # max_body_size answers 413 as a body is read, but a route that never reads
+    # its body (logout, a delete) would have done its work before that answer.
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_SIZE:
+        raise HTTPException(413, "Content Too Large")
+
+
+READS_NO_BODY = [Depends(refuse_large_body)]
+
+
 @health_routes.get("/health")
 def health(db: DB) -> dict[str, str]:
     """Answer ok once the database has answered a real query."""
@@ -478,7 +486,9 @@ async def login(credentials: Login, request: Request, response: Response) -> Tok
     return token_answer(response, key, user["id"], version)
 
 
-@auth_routes.post("/logout", status_code=204, responses=UNAUTHORIZED)
+@auth_routes.post(
+    "/logout", status_code=204, responses=UNAUTHORIZED, dependencies=READS_NO_BODY
+)
 def logout(user: CurrentUser, db: DB) -> None:
     """Log out everywhere: every token of the caller issued until now is refused."""
     revoke = "UPDATE user SET token_version = token_version + 1 WHERE id = ?"
@@ -493,20 +503,21 @@ async def read_me(user: CurrentUser) -> User:
 
 @user_routes.put("/password", responses=PASSWORD_ERRORS | TOO_MANY)
 async def change_password(
-    change: PasswordChange, claims: TokenClaims, request: Request, response: Response
+    change: PasswordChange, token: BearerToken, request: Request, response: Response
 ) -> Token:
     """Set a new password: every older token is refused, and a fresh one returned."""
+    key = request.app.state.signing_key
     # No DB dependency: its connection would be held while waiting for bcrypt.
-    user = await run_in_database(find_user_for_password_change, claims)
+    user = await run_in_database(find_user_for_password_change, read_token(token, key))
     current, stored_hash = change.current_password, user["password_hash"]
     if not await in_password_thread(verify_password, current, stored_hash):
         raise HTTPException(403, "Incorrect password")
     new_hash = await in_password_thread(hash_password, change.new_password)
     version = await run_in_database(store_new_password, user, new_hash)
-    return token_answer(response, request.app.state.signing_key, user["id"], version)
+    return token_answer(response, key, user["id"], version)
 
 
-@user_routes.delete("", status_code=204)
+@user_routes.delete("", status_code=204, dependencies=READS_NO_BODY)
 def delete_me(user: CurrentUser, db: DB) -> None:
     """Delete the account and, through the foreign key, all of its tasks."""
     db.execute("DELETE FROM user WHERE id = ?", (user["id"],))
@@ -571,7 +582,9 @@ def replace_task(task_id: TaskId, task: TaskCreate, user: CurrentUser, db: DB) -
     return update_task(db, task_id, user["id"], task.model_dump())
 
 
-@task_routes.delete("/{task_id}", status_code=204, responses=NOT_FOUND)
+@task_routes.delete(
+    "/{task_id}", status_code=204, responses=NOT_FOUND, dependencies=READS_NO_BODY
+)
 def delete_task(task_id: TaskId, user: CurrentUser, db: DB) -> None:
     """Delete one of the caller's tasks."""
     delete = "DELETE FROM task WHERE id = ? AND owner_id = ? RETURNING id"
@@ -695,15 +708,6 @@ async def database_unavailable(request: Request, error: sqlite3.Error) -> Respon
     return JSONResponse({"detail": "Database unavailable"}, 503)
 
 
-async def refuse_large_body(request: Request) -> None:
-    """Answer 413 before any route runs when the declared body is over the limit."""
-    # max_body_size alone answers 413 only once the body is read, or after a route
-    # that never reads it (logout, a delete) has already done its work.
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > MAX_BODY_SIZE:
-        raise HTTPException(413, "Content Too Large")
-
-
 def make_private(path: str) -> None:
     """Let only the owner read the database file, since it holds the signing key."""
     # Created 0600 before SQLite would create it 0644; SQLite's -wal and -shm follow.
@@ -756,7 +760,6 @@ app = FastAPI(
     title="Todo API",
     lifespan=lifespan,
     max_body_size=MAX_BODY_SIZE,  # 413 as soon as more is read
-    dependencies=[Depends(refuse_large_body)],
     responses=APP_ERRORS,
     exception_handlers={
         RequestValidationError: invalid_request,
