@@ -268,11 +268,10 @@ def read_token(token: str, key: str) -> Claims:
     return user_id, version
 
 
-def get_current_user(token: BearerToken, request: Request, db: DB) -> dict:
-    """Return the user a valid token names, unless the token was revoked since."""
-    claims = read_token(token, request.app.state.signing_key)
+def find_token_user(db: sqlite3.Connection, claims: Claims, columns: str) -> dict:
+    """Read the user a token names, or answer 401 if the token was revoked since."""
     query = f"""
-        SELECT {USER_COLUMNS}
+        SELECT {columns}
         FROM user
         WHERE id = ? AND token_version = ?
     """
@@ -280,6 +279,12 @@ def get_current_user(token: BearerToken, request: Request, db: DB) -> dict:
     if user is None:
         raise invalid_token()
     return user
+
+
+def get_current_user(token: BearerToken, request: Request, db: DB) -> dict:
+    """Return the user a valid, unrevoked token names."""
+    claims = read_token(token, request.app.state.signing_key)
+    return find_token_user(db, claims, USER_COLUMNS)
 
 
 CurrentUser = Annotated[dict, Depends(get_current_user)]
@@ -620,14 +625,7 @@ def find_user_for_login(db: sqlite3.Connection, email: str) -> dict | None:
 
 def find_user_for_password_change(db: sqlite3.Connection, claims: Claims) -> dict:
     """Read the token's account (401 if revoked), then count the password check."""
-    query = f"""
-        SELECT {PASSWORD_COLUMNS}
-        FROM user
-        WHERE id = ? AND token_version = ?
-    """
-    user = db.execute(query, claims).fetchone()
-    if user is None:
-        raise invalid_token()
+    user = find_token_user(db, claims, PASSWORD_COLUMNS)
     count_login_attempt(db, user["email"])
     return user
 
