@@ -180,6 +180,7 @@ def prehash(password: str) -> bytes:
     """Reduce any password to 44 bytes, as bcrypt reads at most 72: nothing is cut."""
     # NFKC: the same password typed on another keyboard is the same password.
     text = unicodedata.normalize("NFKC", password)
+    # surrogatepass: even a lone surrogate, which UTF-8 cannot encode, is hashed.
     digest = hmac.digest(PREHASH_KEY, text.encode(errors="surrogatepass"), "sha256")
     return base64.b64encode(digest)
 
@@ -376,7 +377,7 @@ def headers_schema(headers: dict[str, str]) -> dict:
     }
 
 
-def error(description: str, headers: dict[str, str] | None = None) -> dict:
+def error_answer(description: str, headers: dict[str, str] | None = None) -> dict:
     """Describe an error answer: a JSON `detail`, maybe with headers."""
     return {
         "model": Message,
@@ -389,17 +390,17 @@ INCORRECT_LOGIN = "Incorrect email or password"
 CREATED = {
     201: {"headers": headers_schema({"Location": "Where to read what was made"})}
 }
-UNAUTHORIZED = {401: error("Missing, invalid, expired or revoked token", BEARER)}
-NOT_FOUND = {404: error("Not one of the caller's tasks")}
+UNAUTHORIZED = {401: error_answer("Missing, invalid, expired or revoked token", BEARER)}
+NOT_FOUND = {404: error_answer("Not one of the caller's tasks")}
 RETRY_AFTER = {"Retry-After": "Seconds until the email may try again"}
-TOO_MANY = {429: error(TOO_MANY_LOGINS, RETRY_AFTER)}
-REGISTER_ERRORS = {409: error("Email already registered")}
-PASSWORD_ERRORS = {403: error("Incorrect password")}
+TOO_MANY = {429: error_answer(TOO_MANY_LOGINS, RETRY_AFTER)}
+REGISTER_ERRORS = {409: error_answer("Email already registered")}
+PASSWORD_ERRORS = {403: error_answer("Incorrect password")}
 # The login reads its own body, so FastAPI cannot document its 422 by itself.
 VALIDATION_ERROR = {"$ref": "#/components/schemas/HTTPValidationError"}
 LOGIN_ERRORS = {
-    401: error(INCORRECT_LOGIN, BEARER),
-    415: error("The body is neither JSON nor a form"),
+    401: error_answer(INCORRECT_LOGIN, BEARER),
+    415: error_answer("The body is neither JSON nor a form"),
     422: {
         "description": "Validation Error",
         "content": {"application/json": {"schema": VALIDATION_ERROR}},
@@ -413,9 +414,9 @@ LOGIN_BODY = {"requestBody": {"required": True, "content": LOGIN_TYPES}}
 # Any route may answer these, so they are declared once, for the whole app.
 PLAIN_TEXT = {"content": {"text/plain": {"schema": {"type": "string"}}}}
 APP_ERRORS = {
-    400: error("The body is not valid UTF-8"),
-    413: error("The body is over 64 KiB") | PLAIN_TEXT,
-    503: error("The database cannot answer"),
+    400: error_answer("The body is not valid UTF-8"),
+    413: error_answer("The body is over 64 KiB") | PLAIN_TEXT,
+    503: error_answer("The database cannot answer"),
 }
 
 
