@@ -1,4 +1,8 @@
-"""A task manager's API in one module; serve it with `uvicorn todo_api:app`."""
+"""A task manager's API in one module; serve it with `uvicorn todo_api:app`.
+
+It reads in the order its data travels: settings, the database, passwords and
+tokens, the login rate limit, the current user, the models, the routes, the app.
+"""
 
 import base64
 import functools
@@ -18,10 +22,10 @@ from contextlib import asynccontextmanager, closing, suppress
 from datetime import UTC, date, datetime, timedelta
 from typing import Annotated, Any
 
-import anyio
 import bcrypt
 import jwt
-from email_validator import EmailNotValidError, validate_email
+from anyio import CapacityLimiter, Semaphore, to_thread
+from email_validator import SPECIAL_USE_DOMAIN_NAMES, EmailNotValidError, validate_email
 from fastapi import (
     APIRouter,
     Depends,
@@ -32,7 +36,6 @@ from fastapi import (
     Request,
     Response,
 )
-from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
@@ -51,7 +54,8 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-logger = logging.getLogger("uvicorn.error")  # uvicorn's own logger: shown by default
+# uvicorn's logger for its own messages (errors or not), so ours show beside them.
+logger = logging.getLogger("uvicorn.error")
 
 
 # --- Settings ----------------------------------------------------------------
@@ -69,6 +73,7 @@ class Settings(BaseSettings):
     bcrypt_rounds: int = Field(12, ge=4, le=31)
     login_attempts: int = Field(10, ge=1)
     login_window_seconds: int = Field(900, ge=1)
+    # NoDecode: the text reaches split_origins as it is, not parsed as JSON first.
     cors_origins: Annotated[list[str], NoDecode] = []
 
     @field_validator("secret_key")
@@ -84,9 +89,11 @@ class Settings(BaseSettings):
     @classmethod
     def split_origins(cls, origins: Any) -> Any:
         """Read origins as a JSON list or as comma-separated text."""
-        if isinstance(origins, str) and not origins.startswith("["):
+        if isinstance(origins, str) and origins.startswith("["):
+            return json.loads(origins)
+        if isinstance(origins, str):
             return [origin.strip() for origin in origins.split(",") if origin.strip()]
-        return json.loads(origins) if isinstance(origins, str) else origins
+        return origins
 
 
 settings = Settings()
@@ -95,13 +102,12 @@ settings = Settings()
 # --- Database ----------------------------------------------------------------
 SCHEMA_PATH = pathlib.Path(__file__).with_name("schema.sql")
 SCHEMA_VERSION = 2  # the user_version that schema.sql sets
-MAX_CONNECTIONS = 40  # AnyIO's threads for sync routes: more could never run at once
-MAX_BODY_SIZE = 64 * 1024  # bytes: tasks and logins are small, and memory stays flat
-MAX_ID = 2**63 - 1  # SQLite's largest integer: a larger id is refused, never a 500
+MAX_CONNECTIONS = 40  # AnyIO runs sync routes on 40 threads: more could not be used
+MAX_ID = 2**63 - 1  # SQLite's largest integer: a larger id is a 422, never a 500
 
+# The columns a user shows, and the ones a password check needs besides.
 USER_COLUMNS = "id, email, created_at"
-PASSWORD_COLUMNS = "id, email, password_hash, token_version"
-TASK_COLUMNS = "id, title, description, done, due_date, created_at"
+LOGIN_COLUMNS = "id, email, password_hash, token_version"
 
 # Dates are stored as ISO text by our own adapter: sqlite3's defaults are deprecated.
 sqlite3.register_adapter(date, date.isoformat)
@@ -124,24 +130,24 @@ def connect() -> sqlite3.Connection:
     connection.row_factory = row_as_dict
     connection.execute("PRAGMA foreign_keys = ON")  # off by default; cascades deletes
     connection.execute("PRAGMA journal_mode = WAL")  # readers never wait for writers
-    connection.execute("PRAGMA synchronous = NORMAL")  # kill -9 safe; fewer disk syncs
+    connection.execute("PRAGMA synchronous = NORMAL")  # see the README's durability
     return connection
 
 
-# Open connections waiting for their next request. Only the event loop touches the
-# list, and the semaphore bounds how many exist however many requests arrive.
+# The pool: open connections wait in a list between requests, and the semaphore
+# bounds how many exist, however many requests arrive. Only the event loop touches
+# the list. fast_acquire: a free slot is taken without a pass through the loop.
 idle_connections: list[sqlite3.Connection] = []
-# fast_acquire: a free slot is taken without a pass through the event loop.
-connection_slots = anyio.Semaphore(MAX_CONNECTIONS, fast_acquire=True)
+connection_slots = Semaphore(MAX_CONNECTIONS, fast_acquire=True)
 
 
 async def get_db() -> AsyncIterator[sqlite3.Connection]:
-    """Lend a connection of the pool; when all are lent, wait for one to come back."""
+    """Lend a connection for one request; when all are lent, wait for one."""
     async with connection_slots:
         if idle_connections:
             connection = idle_connections.pop()
         else:
-            connection = await run_in_threadpool(connect)
+            connection = await to_thread.run_sync(connect)
         try:
             yield connection
         finally:
@@ -150,13 +156,6 @@ async def get_db() -> AsyncIterator[sqlite3.Connection]:
 
 # Every write commits before the route returns, never in this dependency's cleanup.
 DB = Annotated[sqlite3.Connection, Depends(get_db)]
-database = asynccontextmanager(get_db)  # the same, for the short steps of async routes
-
-
-async def run_in_database(step: Callable[..., Any], *args: Any) -> Any:
-    """Run a short database step of an async route in a thread, on a lent connection."""
-    async with database() as connection:
-        return await run_in_threadpool(step, connection, *args)
 
 
 # --- Passwords and tokens ----------------------------------------------------
@@ -167,8 +166,9 @@ if hasattr(os, "sched_getaffinity"):
     CPU_CORES = len(os.sched_getaffinity(0))  # the cores this process may use
 else:
     CPU_CORES = os.cpu_count() or 1
-# bcrypt runs at most once per core; waiting requests hold no thread and no connection.
-password_slots = anyio.CapacityLimiter(CPU_CORES)
+# bcrypt runs at most once per core. The work waiting for a core holds no thread and
+# no connection: it opens its own once it runs, so this also bounds those connections.
+password_slots = CapacityLimiter(CPU_CORES)
 
 
 def normalize_email(address: str) -> str:
@@ -202,12 +202,12 @@ def dummy_hash(rounds: int) -> bytes:
 
 
 async def in_password_thread(work: Callable[..., Any], *args: Any) -> Any:
-    """Run bcrypt work in a thread when a core is free, so logins cannot starve."""
-    return await anyio.to_thread.run_sync(work, *args, limiter=password_slots)
+    """Run bcrypt work in a thread once a core is free, so logins cannot starve."""
+    return await to_thread.run_sync(work, *args, limiter=password_slots)
 
 
 def create_access_token(key: str, user_id: int, version: int) -> str:
-    """Sign a token naming the user and its session version, valid for a while."""
+    """Sign a token naming the user and its token version, valid for a while."""
     now = datetime.now(UTC)
     expires = now + timedelta(minutes=settings.access_token_expire_minutes)
     claims = {"sub": str(user_id), "ver": version, "iat": now, "exp": expires}
@@ -247,7 +247,6 @@ def clear_login_attempts(db: sqlite3.Connection, email: str) -> None:
 oauth2_scheme = OAuth2PasswordBearer(tokenUrl="/auth/token")
 BearerToken = Annotated[str, Depends(oauth2_scheme)]
 BEARER = {"WWW-Authenticate": "Bearer"}
-Claims = tuple[int, int]  # a token's user id and token version
 
 
 def invalid_token() -> HTTPException:
@@ -255,7 +254,7 @@ def invalid_token() -> HTTPException:
     return HTTPException(401, "Could not validate credentials", headers=BEARER)
 
 
-def read_token(token: str, key: str) -> Claims:
+def read_token(token: str, key: str) -> tuple[int, int]:
     """Return the user id and token version a valid token names, or answer 401."""
     try:
         # Naming the algorithm refuses "alg: none" and tokens signed any other way.
@@ -269,14 +268,16 @@ def read_token(token: str, key: str) -> Claims:
     return user_id, version
 
 
-def find_token_user(db: sqlite3.Connection, claims: Claims, columns: str) -> dict:
+def find_token_user(
+    db: sqlite3.Connection, user_id: int, version: int, columns: str
+) -> dict:
     """Read the user a token names, or answer 401 if the token was revoked since."""
     query = f"""
         SELECT {columns}
         FROM user
         WHERE id = ? AND token_version = ?
     """
-    user = db.execute(query, claims).fetchone()
+    user = db.execute(query, (user_id, version)).fetchone()
     if user is None:
         raise invalid_token()
     return user
@@ -284,8 +285,8 @@ def find_token_user(db: sqlite3.Connection, claims: Claims, columns: str) -> dic
 
 def get_current_user(token: BearerToken, request: Request, db: DB) -> dict:
     """Return the user a valid, unrevoked token names."""
-    claims = read_token(token, request.app.state.signing_key)
-    return find_token_user(db, claims, USER_COLUMNS)
+    user_id, version = read_token(token, request.app.state.signing_key)
+    return find_token_user(db, user_id, version, USER_COLUMNS)
 
 
 CurrentUser = Annotated[dict, Depends(get_current_user)]
@@ -299,12 +300,26 @@ def iso_date_text(value: Any) -> Any:
     raise ValueError("Input should be a date as a YYYY-MM-DD string")
 
 
-EMAIL = Field(max_length=254, json_schema_extra={"format": "email"})
-Email = Annotated[str, EMAIL, AfterValidator(normalize_email)]
-PASSWORD = Field(min_length=15, max_length=128, description="Any characters at all")
-Password = Annotated[str, PASSWORD]
-TITLE = Field(max_length=200, pattern=r"\S", description="Not just spaces; trimmed")
-Title = Annotated[str, TITLE, AfterValidator(str.strip), Field(min_length=1)]
+# The schema says what email-validator checks: the `email` format, and that the
+# special-use domains (.test, .localhost, ...) are refused.
+SPECIAL_USE = rf"\.({'|'.join(SPECIAL_USE_DOMAIN_NAMES)})$"
+EMAIL_SCHEMA = {"format": "email", "not": {"pattern": SPECIAL_USE}}
+Email = Annotated[
+    str,
+    Field(max_length=254, json_schema_extra=EMAIL_SCHEMA),
+    AfterValidator(normalize_email),
+]
+Password = Annotated[
+    str, Field(min_length=15, max_length=128, description="Any characters at all")
+]
+# At most 200 characters as sent; not blank, so at least 1 once trimmed. The
+# pattern tells clients so; min_length catches what only Python counts as space.
+Title = Annotated[
+    str,
+    Field(max_length=200, pattern=r"\S", description="Not only spaces; trimmed"),
+    AfterValidator(str.strip),
+    Field(min_length=1),
+]
 Description = Annotated[str, Field(max_length=2000)]
 DueDate = Annotated[date, BeforeValidator(iso_date_text)]
 TaskId = Annotated[int, Path(ge=1, le=MAX_ID)]
@@ -347,8 +362,10 @@ class TaskCreate(BaseModel):
 
 
 class TaskUpdate(BaseModel):
-    """The fields to change. Title and done may be left out, but are never null."""
+    """The fields to change; the ones left out keep their value."""
 
+    # A default is never validated, so title and done may be left out, while a
+    # null sent for them is refused, as the schema shows.
     title: Title = None
     done: StrictBool = None
     description: Description | None = None
@@ -364,74 +381,50 @@ class Task(BaseModel):
     created_at: datetime
 
 
+# The queries read exactly what a task shows: a new field needs no edit here.
+TASK_COLUMNS = ", ".join(Task.model_fields)
+TaskList = TypeAdapter(list[Task])
+
+
 class Message(BaseModel):
     detail: str
 
 
-# --- What the routes answer, for /docs and generated clients -----------------
-def headers_schema(headers: dict[str, str]) -> dict:
-    """Describe response headers as OpenAPI does: each a string, with a description."""
-    return {
-        name: {"description": text, "schema": {"type": "string"}}
-        for name, text in headers.items()
-    }
+# --- Routes ------------------------------------------------------------------
+MAX_BODY_SIZE = 64 * 1024  # bytes: tasks and logins are small, and memory stays flat
+JSON = "application/json"
+FORM = "application/x-www-form-urlencoded"
+
+# What a route may answer besides success is declared with it, for /docs and for
+# generated clients: a description, a body with `detail`, and the headers that matter.
+STRING = {"schema": {"type": "string"}}
 
 
-def error_answer(description: str, headers: dict[str, str] | None = None) -> dict:
-    """Describe an error answer: a JSON `detail`, maybe with headers."""
+def error_answer(description: str, *headers: str) -> dict:
+    """Describe an error answer for the OpenAPI document."""
     return {
         "model": Message,
         "description": description,
-        "headers": headers_schema(headers or {}),
+        "headers": dict.fromkeys(headers, STRING),
     }
 
 
-INCORRECT_LOGIN = "Incorrect email or password"
-CREATED = {
-    201: {"headers": headers_schema({"Location": "Where to read what was made"})}
+CREATED = {201: {"headers": {"Location": STRING}}}
+UNAUTHORIZED = {
+    401: error_answer("Missing, invalid, expired or revoked token", *BEARER)
 }
-UNAUTHORIZED = {401: error_answer("Missing, invalid, expired or revoked token", BEARER)}
-NOT_FOUND = {404: error_answer("Not one of the caller's tasks")}
-RETRY_AFTER = {"Retry-After": "Seconds until the email may try again"}
-TOO_MANY = {429: error_answer(TOO_MANY_LOGINS, RETRY_AFTER)}
-REGISTER_ERRORS = {409: error_answer("Email already registered")}
-PASSWORD_ERRORS = {403: error_answer("Incorrect password")}
-# The login reads its own body, so FastAPI cannot document its 422 by itself.
-VALIDATION_ERROR = {"$ref": "#/components/schemas/HTTPValidationError"}
-LOGIN_ERRORS = {
-    401: error_answer(INCORRECT_LOGIN, BEARER),
-    415: error_answer("The body is neither JSON nor a form"),
-    422: {
-        "description": "Validation Error",
-        "content": {"application/json": {"schema": VALIDATION_ERROR}},
-    },
-}
-# FastAPI documents one body type per route, and the login reads two.
-FORM = "application/x-www-form-urlencoded"
-LOGIN_SCHEMA = {"schema": Credentials.model_json_schema()}
-LOGIN_TYPES = {FORM: LOGIN_SCHEMA, "application/json": LOGIN_SCHEMA}
-LOGIN_BODY = {"requestBody": {"required": True, "content": LOGIN_TYPES}}
-# Any route may answer these, so they are declared once, for the whole app.
-PLAIN_TEXT = {"content": {"text/plain": {"schema": {"type": "string"}}}}
-APP_ERRORS = {
-    400: error_answer("The body is not valid UTF-8"),
-    413: error_answer("The body is over 64 KiB") | PLAIN_TEXT,
-    503: error_answer("The database cannot answer"),
-}
+TOO_MANY = {429: error_answer(TOO_MANY_LOGINS, "Retry-After")}
 
-
-# --- Routes ------------------------------------------------------------------
 health_routes = APIRouter(tags=["health"])
 auth_routes = APIRouter(prefix="/auth", tags=["auth"])
 user_routes = APIRouter(prefix="/users/me", tags=["users"], responses=UNAUTHORIZED)
 task_routes = APIRouter(prefix="/tasks", tags=["tasks"], responses=UNAUTHORIZED)
-TaskList = TypeAdapter(list[Task])
 
 
 async def refuse_large_body(request: Request) -> None:
     """Answer 413 before a route that reads no body runs, if one over the limit came."""
-    # max_body_size answers 413 as a body is read, but a route that never reads
-    # its body (logout, a delete) would have done its work before that answer.
+    # FastAPI's max_body_size answers 413 as a body is read, but a route that never
+    # reads its body (logout, a delete) would have done its work by then.
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > MAX_BODY_SIZE:
         raise HTTPException(413, "Content Too Large")
@@ -447,11 +440,14 @@ def health(db: DB) -> dict[str, str]:
     return {"status": "ok"}
 
 
+REGISTER_ERRORS = {409: error_answer("Email already registered")}
+
+
 @auth_routes.post("/register", status_code=201, responses=CREATED | REGISTER_ERRORS)
 async def register(new_user: UserCreate, response: Response) -> User:
     """Create an account; the email must be free, however it is spelled."""
-    password_hash = await in_password_thread(hash_password, new_user.password)
-    user = await run_in_database(insert_user, new_user.email, password_hash)
+    email, password = new_user.email, new_user.password
+    user = await in_password_thread(create_account, email, password)
     response.headers["Location"] = "/users/me"
     return user
 
@@ -460,17 +456,29 @@ async def read_credentials(request: Request) -> Credentials:
     """Read a login from the OAuth2 form or, for HTTPie and scripts, from JSON."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip()
     try:
-        if content_type.lower() == "application/json":
+        if content_type.lower() == JSON:
             return Credentials.model_validate_json(await request.body())
         if content_type.lower() == FORM:
             return Credentials.model_validate(dict(await request.form()))
-    except ValidationError as error:
-        raise RequestValidationError(error.errors(include_input=False)) from None
+    except ValidationError as invalid:
+        raise RequestValidationError(invalid.errors()) from None
     # Multipart would be spooled to disk, and a login has no file to send.
     raise HTTPException(415, f"Send the login as JSON or as {FORM}")
 
 
 Login = Annotated[Credentials, Depends(read_credentials)]
+# The login reads its own body, so FastAPI cannot document it, nor its 415 and 422;
+# and FastAPI documents one body type per route, where this one reads two.
+INCORRECT_LOGIN = "Incorrect email or password"
+VALIDATION_ERROR = {"schema": {"$ref": "#/components/schemas/HTTPValidationError"}}
+LOGIN_ERRORS = {
+    401: error_answer(INCORRECT_LOGIN, *BEARER),
+    415: error_answer("The body is neither JSON nor a form"),
+    422: {"description": "Validation Error", "content": {JSON: VALIDATION_ERROR}},
+}
+LOGIN_SCHEMA = {"schema": Credentials.model_json_schema()}
+LOGIN_TYPES = {FORM: LOGIN_SCHEMA, JSON: LOGIN_SCHEMA}
+LOGIN_BODY = {"requestBody": {"required": True, "content": LOGIN_TYPES}}
 
 
 @auth_routes.post("/token", responses=LOGIN_ERRORS | TOO_MANY, openapi_extra=LOGIN_BODY)
@@ -480,14 +488,7 @@ async def login(credentials: Login, request: Request, response: Response) -> Tok
         email = normalize_email(credentials.username)
     except EmailNotValidError:  # no account can have it: nothing to check or count
         raise HTTPException(401, INCORRECT_LOGIN, headers=BEARER) from None
-    user = await run_in_database(find_user_for_login, email)
-    # An unknown email is checked against a dummy hash: both failures take as long.
-    stored_hash = user["password_hash"] if user else dummy_hash(settings.bcrypt_rounds)
-    password = credentials.password
-    correct = await in_password_thread(verify_password, password, stored_hash)
-    if user is None or not correct:
-        raise HTTPException(401, INCORRECT_LOGIN, headers=BEARER)
-    await run_in_database(clear_login_attempts, email)
+    user = await in_password_thread(check_login, email, credentials.password)
     key, version = request.app.state.signing_key, user["token_version"]
     return token_answer(response, key, user["id"], version)
 
@@ -497,7 +498,11 @@ async def login(credentials: Login, request: Request, response: Response) -> Tok
 )
 def logout(user: CurrentUser, db: DB) -> None:
     """Log out everywhere: every token of the caller issued until now is refused."""
-    revoke = "UPDATE user SET token_version = token_version + 1 WHERE id = ?"
+    revoke = """
+        UPDATE user
+        SET token_version = token_version + 1
+        WHERE id = ?
+    """
     db.execute(revoke, (user["id"],))
 
 
@@ -507,20 +512,20 @@ async def read_me(user: CurrentUser) -> User:
     return user
 
 
+PASSWORD_ERRORS = {403: error_answer("Incorrect password")}
+
+
 @user_routes.put("/password", responses=PASSWORD_ERRORS | TOO_MANY)
 async def change_password(
     change: PasswordChange, token: BearerToken, request: Request, response: Response
 ) -> Token:
     """Set a new password: every older token is refused, and a fresh one returned."""
+    # No CurrentUser: its connection would be held while this waits for bcrypt.
     key = request.app.state.signing_key
-    # No DB dependency: its connection would be held while waiting for bcrypt.
-    user = await run_in_database(find_user_for_password_change, read_token(token, key))
-    current, stored_hash = change.current_password, user["password_hash"]
-    if not await in_password_thread(verify_password, current, stored_hash):
-        raise HTTPException(403, "Incorrect password")
-    new_hash = await in_password_thread(hash_password, change.new_password)
-    version = await run_in_database(store_new_password, user, new_hash)
-    return token_answer(response, key, user["id"], version)
+    user_id, version = read_token(token, key)
+    current, new = change.current_password, change.new_password
+    version = await in_password_thread(store_password, user_id, version, current, new)
+    return token_answer(response, key, user_id, version)
 
 
 @user_routes.delete("", status_code=204, dependencies=READS_NO_BODY)
@@ -529,6 +534,10 @@ def delete_me(user: CurrentUser, db: DB) -> None:
     db.execute("DELETE FROM user WHERE id = ?", (user["id"],))
 
 
+NOT_FOUND = {404: error_answer("Not one of the caller's tasks")}
+
+
+# The list and the new task answer at /tasks and /tasks/ alike, with no redirect.
 @task_routes.get("", response_model=list[Task])
 @task_routes.get("/", response_model=list[Task], include_in_schema=False)
 def list_tasks(
@@ -539,17 +548,19 @@ def list_tasks(
     offset: Annotated[int, Query(ge=0, le=MAX_ID)] = 0,
 ) -> Response:
     """List the caller's tasks, oldest first, optionally only done or open ones."""
+    # coalesce: with no `done` given, each row's own value matches.
     query = f"""
         SELECT {TASK_COLUMNS}
         FROM task
-        WHERE owner_id = ? AND (? IS NULL OR done = ?)
+        WHERE owner_id = ? AND done = coalesce(?, done)
         ORDER BY id
         LIMIT ? OFFSET ?
     """
-    tasks = db.execute(query, (user["id"], done, done, limit, offset)).fetchall()
-    # Validated and serialised here, in this thread: FastAPI would take one more hop.
+    tasks = db.execute(query, (user["id"], done, limit, offset)).fetchall()
+    # Validated and serialised here, in this thread: FastAPI would take one more hop,
+    # so response_model above is there only for /docs.
     body = TaskList.dump_json(TaskList.validate_python(tasks))
-    return Response(body, media_type="application/json")
+    return Response(body, media_type=JSON)
 
 
 @task_routes.post("", status_code=201, responses=CREATED)
@@ -558,10 +569,10 @@ def add_task(task: TaskCreate, user: CurrentUser, db: DB, response: Response) ->
     """Add a task for the caller."""
     insert = f"""
         INSERT INTO task (owner_id, title, description, done, due_date)
-        VALUES (?, ?, ?, ?, ?)
+        VALUES (:owner_id, :title, :description, :done, :due_date)
         RETURNING {TASK_COLUMNS}
     """
-    values = (user["id"], task.title, task.description, task.done, task.due_date)
+    values = task.model_dump() | {"owner_id": user["id"]}
     try:
         created = db.execute(insert, values).fetchone()
     except sqlite3.IntegrityError:  # the owner was deleted a moment ago
@@ -593,59 +604,74 @@ def replace_task(task_id: TaskId, task: TaskCreate, user: CurrentUser, db: DB) -
 )
 def delete_task(task_id: TaskId, user: CurrentUser, db: DB) -> None:
     """Delete one of the caller's tasks."""
-    delete = "DELETE FROM task WHERE id = ? AND owner_id = ? RETURNING id"
+    delete = """
+        DELETE FROM task
+        WHERE id = ? AND owner_id = ?
+        RETURNING id
+    """
     if db.execute(delete, (task_id, user["id"])).fetchone() is None:
         raise HTTPException(404, "Task not found")
 
 
 # --- What the routes share ---------------------------------------------------
-def insert_user(db: sqlite3.Connection, email: str, password_hash: bytes) -> dict:
+# First the bcrypt work of the account routes, run by in_password_thread: each opens
+# its own connection, so none is held while it waits for a core.
+def create_account(email: str, password: str) -> dict:
     """Store a new account, or answer 409 if the email is taken, even in a race."""
+    password_hash = hash_password(password)
     insert = f"""
         INSERT INTO user (email, password_hash)
         VALUES (?, ?)
         RETURNING {USER_COLUMNS}
     """
-    try:
-        return db.execute(insert, (email, password_hash)).fetchone()
-    except sqlite3.IntegrityError:  # the UNIQUE email
-        raise HTTPException(409, "Email already registered") from None
+    with closing(connect()) as db:
+        try:
+            return db.execute(insert, (email, password_hash)).fetchone()
+        except sqlite3.IntegrityError:  # the UNIQUE email
+            raise HTTPException(409, "Email already registered") from None
 
 
-def find_user_for_login(db: sqlite3.Connection, email: str) -> dict | None:
-    """Count a login attempt (429 when spent), then read the account it names."""
-    count_login_attempt(db, email)
-    # The version is read with the hash: a logout during the check revokes this token.
+def check_login(email: str, password: str) -> dict:
+    """Count the attempt (429 once spent), then return the account if it is right."""
+    # The version is read with the hash: a logout during the check revokes the token.
     query = f"""
-        SELECT {PASSWORD_COLUMNS}
+        SELECT {LOGIN_COLUMNS}
         FROM user
         WHERE email = ?
     """
-    return db.execute(query, (email,)).fetchone()
+    with closing(connect()) as db:
+        count_login_attempt(db, email)
+        user = db.execute(query, (email,)).fetchone()
+        if user:
+            stored_hash = user["password_hash"]
+        else:  # checked all the same, so an unknown email takes as long as a known one
+            stored_hash = dummy_hash(settings.bcrypt_rounds)
+        if not verify_password(password, stored_hash) or user is None:
+            raise HTTPException(401, INCORRECT_LOGIN, headers=BEARER)
+        clear_login_attempts(db, email)
+        return user
 
 
-def find_user_for_password_change(db: sqlite3.Connection, claims: Claims) -> dict:
-    """Read the token's account (401 if revoked), then count the password check."""
-    user = find_token_user(db, claims, PASSWORD_COLUMNS)
-    count_login_attempt(db, user["email"])
-    return user
-
-
-def store_new_password(db: sqlite3.Connection, user: dict, password_hash: bytes) -> int:
-    """Store a new hash and revoke every older token; return the new version."""
-    # Only if nothing changed since the check: a logout meanwhile makes this a 401.
+def store_password(user_id: int, version: int, current: str, new: str) -> int:
+    """Check the current password, then store the new one and revoke older tokens."""
+    # Only if the version is still the token's: a logout meanwhile makes this a 401.
     update = """
         UPDATE user
         SET password_hash = ?, token_version = token_version + 1
         WHERE id = ? AND token_version = ?
         RETURNING token_version
     """
-    values = (password_hash, user["id"], user["token_version"])
-    changed = db.execute(update, values).fetchone()
-    if changed is None:
-        raise invalid_token()
-    clear_login_attempts(db, user["email"])
-    return changed["token_version"]
+    with closing(connect()) as db:
+        user = find_token_user(db, user_id, version, LOGIN_COLUMNS)
+        count_login_attempt(db, user["email"])
+        if not verify_password(current, user["password_hash"]):
+            raise HTTPException(403, "Incorrect password")
+        values = (hash_password(new), user_id, version)
+        changed = db.execute(update, values).fetchone()
+        if changed is None:
+            raise invalid_token()
+        clear_login_attempts(db, user["email"])
+        return changed["token_version"]
 
 
 def token_answer(response: Response, key: str, user_id: int, version: int) -> Token:
@@ -677,16 +703,16 @@ def update_task(
     """Apply changes to one of the owner's tasks and return it as stored."""
     update = f"""
         UPDATE task
-        SET title = ?, description = ?, done = ?, due_date = ?
-        WHERE id = ?
+        SET title = :title, description = :description, done = :done,
+            due_date = :due_date
+        WHERE id = :id
         RETURNING {TASK_COLUMNS}
     """
     with db:  # commits at the end of the block, or rolls back on an error
         # Lock for writing first: no other write slips between our read and write.
         db.execute("BEGIN IMMEDIATE")
         task = find_task(db, task_id, owner_id) | changes
-        values = (task["title"], task["description"], task["done"], task["due_date"])
-        return db.execute(update, (*values, task_id)).fetchone()
+        return db.execute(update, task).fetchone()
 
 
 # --- The application ---------------------------------------------------------
@@ -698,7 +724,7 @@ async def invalid_request(request: Request, error: RequestValidationError) -> Re
     ]
     # json.dumps writes ASCII, which even a lone surrogate in a message survives.
     body = json.dumps({"detail": problems}, default=str)
-    return Response(body, 422, media_type="application/json")
+    return Response(body, 422, media_type=JSON)
 
 
 async def database_unavailable(request: Request, error: sqlite3.Error) -> Response:
@@ -710,7 +736,7 @@ async def database_unavailable(request: Request, error: sqlite3.Error) -> Respon
 def make_private(path: str) -> None:
     """Let only the owner read the database file, since it holds the signing key."""
     # Created 0600 before SQLite would create it 0644; SQLite's -wal and -shm follow.
-    os.close(os.open(path, os.O_CREAT, 0o600))
+    pathlib.Path(path).touch(mode=0o600)
     for name in (path, f"{path}-wal", f"{path}-shm"):
         with suppress(FileNotFoundError):
             os.chmod(name, 0o600)
@@ -755,6 +781,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         idle_connections.pop().close()
 
 
+# Any route may answer these, so the app declares them once.
+APP_ERRORS = {
+    400: error_answer("The body is not valid UTF-8"),
+    413: error_answer("The body is over 64 KiB") | {"content": {"text/plain": STRING}},
+    503: error_answer("The database cannot answer"),
+}
 app = FastAPI(
     title="Todo API",
     lifespan=lifespan,
