@@ -133,33 +133,273 @@ def is_utc_timestamp(text):
     )
 
 
-# --- Health ------------------------------------------------------------------
+JSON = {"content-type": "application/json"}
 
 
-def test_health(client):
-    assert client.get("/health").json() == {"status": "ok"}
+FORM_HEADER = "Content-Type: application/x-www-form-urlencoded"
 
 
-def test_health_is_503_when_the_database_cannot_answer(client, database):
-    database.write_bytes(b"this is not a database" * 1000)
-    response = client.get("/health")
-    assert response.status_code == 503
-    assert response.json() == {"detail": "Database unavailable"}
+FORM = {"content-type": "application/x-www-form-urlencoded"}
 
 
-def test_a_database_error_inside_a_route_is_503(monkeypatch, tmp_path, caplog):
-    module = fresh_module(monkeypatch, tmp_path, APP_BCRYPT_ROUNDS="4")
+NEW_PASSWORD = "a new and longer passphrase"
 
-    @module.app.get("/failing")
-    def failing(db: module.DB) -> None:
-        raise sqlite3.OperationalError("disk I/O error")
 
+def change_password(client, headers, current=PASSWORD, new=NEW_PASSWORD):
+    body = {"current_password": current, "new_password": new}
+    return client.put("/users/me/password", json=body, headers=headers)
+
+
+# Every way to reach one task by its id, with a body where the method takes one.
+BY_ID = [
+    ("GET", None),
+    ("PATCH", {"done": True}),
+    ("PUT", {"title": "mine now"}),
+    ("DELETE", None),
+]
+
+
+# Each route's statuses, from the contract's table of endpoints.
+STATUSES = {
+    ("get", "/health"): {"200"},
+    ("post", "/auth/register"): {"201", "409", "422"},
+    ("post", "/auth/token"): {"200", "401", "415", "422", "429"},
+    ("post", "/auth/logout"): {"204", "401"},
+    ("get", "/users/me"): {"200", "401"},
+    ("put", "/users/me/password"): {"200", "401", "403", "422", "429"},
+    ("delete", "/users/me"): {"204", "401"},
+    ("get", "/tasks"): {"200", "401", "422"},
+    ("post", "/tasks"): {"201", "401", "422"},
+    ("get", "/tasks/{task_id}"): {"200", "401", "404", "422"},
+    ("patch", "/tasks/{task_id}"): {"200", "401", "404", "422"},
+    ("put", "/tasks/{task_id}"): {"200", "401", "404", "422"},
+    ("delete", "/tasks/{task_id}"): {"204", "401", "404", "422"},
+}
+
+
+def operations(client):
+    spec = client.get("/openapi.json").json()
+    for path, methods in spec["paths"].items():
+        for method, operation in methods.items():
+            yield method, path, operation
+
+
+def fresh_module(monkeypatch, tmp_path, **environment):
+    """Import todo_api anew in an empty folder with these APP_* variables."""
+    monkeypatch.chdir(tmp_path)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    spec = importlib.util.spec_from_file_location("todo_api_fresh", todo_api.__file__)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def mode(path):
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+HUGE = 99999999999999999999  # beyond SQLite's 64-bit integers
+
+
+MAX_BODY = 64 * 1024
+
+
+def signed(claims, key=SECRET):
+    """Sign any claims, even ones PyJWT would refuse to encode, with HS256."""
+    return jwt.api_jws.encode(json.dumps(claims).encode(), key, algorithm="HS256")
+
+
+HERE = Path(__file__).parent
+
+
+def server_environment():
+    """This process's environment without any APP_* setting."""
+    return {
+        name: value for name, value in os.environ.items() if not name.startswith("APP_")
+    }
+
+
+@contextmanager
+def real_server(folder, *options, **environment):
+    """Serve the app with uvicorn on a free port; kill -9 it, workers and all, after.
+
+    What the server prints goes to server.log in the folder.
+    """
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "uvicorn", "todo_api:app", "--app-dir", str(HERE)]
+    command += ["--port", str(port), "--log-level", "warning", *options]
+    with open(Path(folder) / "server.log", "ab") as log:  # the server keeps a copy
+        server = subprocess.Popen(
+            command,
+            cwd=folder,
+            env=server_environment() | environment,
+            start_new_session=True,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            umask=0o022,  # the usual one, so that only the app can make a file private
+        )
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            assert server.poll() is None, "the server exited"
+            try:
+                if httpx2.get(f"{base_url}/health").status_code == 200:
+                    break
+            except httpx2.HTTPError:
+                assert time.monotonic() < deadline, "the server did not start"
+                time.sleep(0.05)
+        yield base_url
+    finally:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
+
+
+def log_in_to(base_url, email="ada@example.com", register_first=True):
+    if register_first:
+        response = httpx2.post(
+            f"{base_url}/auth/register", json={"email": email, "password": PASSWORD}
+        )
+        assert response.status_code == 201
+    response = httpx2.post(
+        f"{base_url}/auth/token", data={"username": email, "password": PASSWORD}
+    )
+    return {"Authorization": f"Bearer {response.json()['access_token']}"}
+
+
+def raw_request(base_url, method, path, headers, body=b""):
+    """Open a connection and send a request on it, without waiting for the answer."""
+    connection = socket.create_connection(("127.0.0.1", int(base_url.split(":")[-1])))
+    lines = [f"{method} {path} HTTP/1.1", "Host: 127.0.0.1", *headers, "", ""]
+    connection.sendall("\r\n".join(lines).encode() + body)
+    return connection
+
+
+def read_answer(connection):
+    """Read one whole HTTP answer from a raw connection: its head and its body."""
+    connection.settimeout(10)
+    answer = b""
+    while b"\r\n\r\n" not in answer:
+        received = connection.recv(65536)
+        assert received, f"the connection closed after {answer!r}"
+        answer += received
+    head, _, body = answer.partition(b"\r\n\r\n")
+    length = int(re.search(rb"content-length: (\d+)", head, re.IGNORECASE)[1])
+    while len(body) < length:
+        received = connection.recv(65536)
+        assert received, f"the connection closed after {answer!r}"
+        body += received
+    return head, body
+
+
+# --- Settings ----------------------------------------------------------------
+
+
+def test_defaults_need_no_environment(monkeypatch, tmp_path):
+    module = fresh_module(monkeypatch, tmp_path)
+    assert module.settings.model_dump() == {
+        "database_path": "todo.db",
+        "secret_key": SecretStr(""),
+        "access_token_expire_minutes": 30,
+        "bcrypt_rounds": 12,
+        "login_attempts": 10,
+        "login_window_seconds": 900,
+        "cors_origins": [],
+    }
     with TestClient(module.app) as client:
-        response = client.get("/failing")
-        assert response.status_code == 503
-        assert response.json() == {"detail": "Database unavailable"}
-        assert len(module.idle_connections) == 1  # the connection went back to the pool
-    assert "Database error: disk I/O error" in caplog.text
+        assert client.get("/health").status_code == 200
+    assert (
+        tmp_path / "todo.db"
+    ).exists()  # in the working folder, schema applied from beside the module
+
+
+def test_settings_come_from_a_dot_env_file(monkeypatch, tmp_path):
+    (tmp_path / ".env").write_text(
+        "APP_ACCESS_TOKEN_EXPIRE_MINUTES=5\nAPP_DATABASE_PATH=other.db\n"
+    )
+    module = fresh_module(monkeypatch, tmp_path)
+    assert (
+        module.settings.access_token_expire_minutes,
+        module.settings.database_path,
+    ) == (5, "other.db")
+
+
+@pytest.mark.parametrize(
+    "origins",
+    [
+        "https://a.example, https://b.example",
+        '["https://a.example", "https://b.example"]',
+    ],
+)
+def test_cors_origins_as_a_list_or_comma_separated(monkeypatch, origins):
+    monkeypatch.setenv("APP_CORS_ORIGINS", origins)
+    assert todo_api.Settings(_env_file=None).cors_origins == [
+        "https://a.example",
+        "https://b.example",
+    ]
+
+
+@pytest.mark.parametrize(
+    "key", ["my-typo-secret", "a" * 31, "€" * 10]
+)  # 10 euro signs are 30 bytes
+def test_a_short_secret_key_stops_startup_without_showing_it(monkeypatch, key):
+    monkeypatch.setenv("APP_SECRET_KEY", key)
+    with pytest.raises(
+        ValueError, match="APP_SECRET_KEY needs 32[+] bytes: openssl rand"
+    ) as error:
+        todo_api.Settings(_env_file=None)
+    assert key not in str(error.value)
+
+
+def test_a_short_secret_key_stops_the_server_and_is_not_printed(tmp_path):
+    key = "my-typo-secret"
+    command = [sys.executable, "-m", "uvicorn", "todo_api:app", "--app-dir", str(HERE)]
+    result = subprocess.run(
+        command,
+        check=False,
+        cwd=tmp_path,
+        env=server_environment() | {"APP_SECRET_KEY": key},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0
+    assert "APP_SECRET_KEY needs 32+ bytes" in result.stderr
+    assert key not in result.stdout + result.stderr
+
+
+def test_a_32_byte_key_is_enough(monkeypatch):
+    monkeypatch.setenv("APP_SECRET_KEY", "€" * 11)  # 11 characters, 33 bytes
+    key = todo_api.Settings(_env_file=None).secret_key
+    assert key.get_secret_value() == "€" * 11
+
+
+def test_the_settings_never_show_the_key(monkeypatch):
+    monkeypatch.setenv("APP_SECRET_KEY", SECRET)
+    loaded = todo_api.Settings(_env_file=None)
+    assert SECRET not in repr(loaded) and SECRET not in str(loaded)
+    assert SECRET not in repr(loaded.model_dump())
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("APP_LOGIN_ATTEMPTS", "0"),
+        ("APP_LOGIN_WINDOW_SECONDS", "0"),
+        ("APP_BCRYPT_ROUNDS", "3"),
+        ("APP_ACCESS_TOKEN_EXPIRE_MINUTES", "0"),
+    ],
+)
+def test_settings_out_of_range_stop_startup(monkeypatch, name, value):
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=name.removeprefix("APP_").lower()):
+        todo_api.Settings(_env_file=None)
+
+
+# --- Database ----------------------------------------------------------------
 
 
 def test_connections_are_reused_and_closed_on_shutdown(database):
@@ -176,35 +416,482 @@ def test_connections_are_reused_and_closed_on_shutdown(database):
         connection.execute("SELECT 1")
 
 
-# --- Registration ------------------------------------------------------------
+def test_task_ids_are_never_reused(client, auth):
+    first = add_task(client, auth)["id"]
+    client.delete(f"/tasks/{first}", headers=auth)
+    assert add_task(client, auth)["id"] == first + 1
 
 
-def test_register_returns_the_user_and_its_location(client, database):
+def test_the_database_uses_write_ahead_logging(client, database):
+    journal_mode = sqlite3.connect(database).execute("PRAGMA journal_mode").fetchone()
+    assert journal_mode == ("wal",)
+
+
+def test_concurrent_writers_all_succeed(client, auth, database):
+    def write(writer):
+        return [
+            client.post(
+                "/tasks", json={"title": f"{writer}-{n}"}, headers=auth
+            ).status_code
+            for n in range(20)
+        ]
+
+    with ThreadPoolExecutor(16) as pool:
+        statuses = [status for batch in pool.map(write, range(16)) for status in batch]
+    assert statuses == [201] * 320
+    assert sqlite3.connect(database).execute(
+        "SELECT count(*) FROM task"
+    ).fetchone() == (320,)
+
+
+def test_database_connections_are_bounded_however_many_requests_arrive(client, auth):
+    def read(_):
+        return client.get("/tasks", headers=auth).status_code
+
+    with ThreadPoolExecutor(100) as pool:
+        statuses = list(pool.map(read, range(300)))
+    assert statuses == [200] * 300
+    assert 1 <= len(todo_api.idle_connections) <= todo_api.MAX_CONNECTIONS == 40
+
+
+def test_workers_share_one_database_and_one_generated_key(tmp_path):
+    with real_server(tmp_path, "--workers", "3", APP_BCRYPT_ROUNDS="4") as base_url:
+        headers = log_in_to(base_url)
+        # A new connection each time, so the kernel hands them to every worker in turn.
+        statuses = {
+            httpx2.get(f"{base_url}/users/me", headers=headers).status_code
+            for _ in range(30)
+        }
+        assert statuses == {200}
+
+        def write(writer):
+            with httpx2.Client(base_url=base_url, headers=headers) as worker_client:
+                return [
+                    worker_client.post(
+                        "/tasks", json={"title": f"{writer}"}
+                    ).status_code
+                    for _ in range(10)
+                ]
+
+        with ThreadPoolExecutor(6) as pool:
+            assert [s for batch in pool.map(write, range(6)) for s in batch] == [
+                201
+            ] * 60
+
+        # The login limit is counted in the shared file, whichever worker answers.
+        form = {"username": "nobody@example.com", "password": "a wrong password"}
+        statuses = [
+            httpx2.post(f"{base_url}/auth/token", data=form).status_code
+            for _ in range(13)
+        ]
+        assert statuses == [401] * 10 + [429] * 3
+    assert sqlite3.connect(tmp_path / "todo.db").execute(
+        "SELECT count(*) FROM task"
+    ).fetchone() == (60,)
+    assert sqlite3.connect(tmp_path / "todo.db").execute(
+        "SELECT count(*) FROM signing_key"
+    ).fetchone() == (1,)
+
+
+def test_every_task_and_token_survives_kill_9_and_a_restart(tmp_path):
+    with real_server(tmp_path, APP_BCRYPT_ROUNDS="4") as base_url:
+        headers = log_in_to(base_url)
+
+        def write(writer):
+            with httpx2.Client(base_url=base_url, headers=headers) as writer_client:
+                responses = [
+                    writer_client.post("/tasks", json={"title": f"{writer}-{n}"})
+                    for n in range(25)
+                ]
+            return [
+                response.json()["id"]
+                for response in responses
+                if response.status_code == 201
+            ]
+
+        with ThreadPoolExecutor(4) as pool:
+            acknowledged = [
+                task_id for batch in pool.map(write, range(4)) for task_id in batch
+            ]
+    # real_server has just killed it with SIGKILL, right after the last 201.
+    assert len(acknowledged) == 100
+    # The restarted server reads the same generated key, so the old token still works.
+    with real_server(tmp_path, APP_BCRYPT_ROUNDS="4") as base_url:
+        tasks = httpx2.get(f"{base_url}/tasks?limit=100", headers=headers).json()
+    assert sorted(task["id"] for task in tasks) == sorted(acknowledged)
+
+
+# --- Passwords and tokens ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("sent", "stored"),
+    [
+        ("Ada@Example.COM", "ada@example.com"),
+        ("Ä@x.io", "ä@x.io"),
+        ("a\u0308@x.io", "ä@x.io"),  # NFD: a and a combining diaeresis
+        ("a@XN--BCHER-KVA.example", "a@bücher.example"),
+    ],
+    ids=["case", "upper-case umlaut", "NFD", "punycode domain"],
+)
+def test_emails_are_stored_normalised_and_lower_cased(client, database, sent, stored):
+    assert register(client, sent)["email"] == stored
+    user = sqlite3.connect(database).execute("SELECT email FROM user").fetchone()
+    assert user == (stored,)
+
+
+def test_every_spelling_of_an_address_is_one_account(client):
+    register(client, "ä@x.io")
+    for spelling in ["Ä@x.io", "a\u0308@x.io", "Ä@X.IO", "ä@X.io"]:
+        response = client.post(
+            "/auth/register", json={"email": spelling, "password": PASSWORD}
+        )
+        assert response.status_code == 409, spelling
+        assert response.json() == {"detail": "Email already registered"}
+        assert token_headers(client, spelling)  # and each of them logs in
+
+
+def test_a_punycode_domain_logs_in_as_its_unicode_form(client):
+    register(client, "a@XN--BCHER-KVA.example")
+    assert token_headers(client, "a@bücher.example")
+    assert token_headers(client, "A@xn--bcher-kva.example")
+
+
+def test_the_password_is_prehashed_with_hmac_then_hashed_with_bcrypt(client, database):
+    register(client)
+    stored = sqlite3.connect(database).execute("SELECT password_hash FROM user")
+    password_hash = stored.fetchone()[0]
+    assert password_hash.startswith(b"$2b$04$")
+    digest = hmac.digest(b"todo-api password v1", PASSWORD.encode(), "sha256")
+    assert bcrypt.checkpw(base64.b64encode(digest), password_hash)
+    assert not bcrypt.checkpw(PASSWORD.encode(), password_hash)
+
+
+def test_nothing_of_a_long_password_is_cut(client):
+    # 100 bytes that differ only in the last one: bcrypt alone would read 72.
+    register(client, password="ü" * 49 + "1")
     response = client.post(
-        "/auth/register", json={"email": "ada@example.com", "password": PASSWORD}
+        "/auth/token", data={"username": "ada@example.com", "password": "ü" * 49 + "2"}
     )
-    assert response.status_code == 201
-    assert response.headers["location"] == "/users/me"
-    user = response.json()
-    assert set(user) == {"id", "email", "created_at"}  # never the hash
-    assert user["email"] == "ada@example.com"
-    assert is_utc_timestamp(user["created_at"])
-    stored = (
-        sqlite3.connect(database)
-        .execute("SELECT password_hash FROM user")
-        .fetchone()[0]
-    )
-    assert stored.startswith(b"$2b$04$") and PASSWORD.encode() not in stored
+    assert response.json() == WRONG_LOGIN
 
 
-@pytest.mark.parametrize("email", ["ada@example.com", "ADA@Example.COM"])
-def test_register_twice_is_409_whatever_the_case(client, email):
-    register(client, "ada@example.com")
+@pytest.mark.parametrize(
+    ("registered", "typed"),
+    [
+        ("caf\u00e9 au lait, s'il vous plaît", "cafe\u0301 au lait, s'il vous plaît"),
+        ("ｆｕｌｌｗｉｄｔｈ ｐａｓｓｗｏｒｄ", "fullwidth password"),
+    ],
+    ids=["NFC then NFD", "fullwidth then ASCII"],
+)
+def test_a_password_is_normalised_before_every_check(client, registered, typed):
+    register(client, password=registered)
+    assert token_headers(client, password=typed)
+
+
+def test_health_and_tasks_answer_promptly_while_200_logins_hash(tmp_path):
+    with real_server(tmp_path) as base_url:  # bcrypt at its default cost, 12
+        headers = log_in_to(base_url)
+        with ExitStack() as open_connections:
+            logins = []
+            for n in range(200):  # unknown emails: each one is checked, none limited
+                body = f"username=nobody{n}%40example.com&password=guess".encode()
+                form = [FORM_HEADER, f"Content-Length: {len(body)}"]
+                login = raw_request(base_url, "POST", "/auth/token", form, body)
+                logins.append(open_connections.enter_context(login))
+            time.sleep(0.5)  # let them all arrive and queue for bcrypt
+            latencies = []
+            with httpx2.Client(base_url=base_url, headers=headers) as other_client:
+                for _ in range(5):
+                    for path in ("/health", "/tasks"):
+                        started = time.perf_counter()
+                        assert other_client.get(path).status_code == 200
+                        latencies.append(time.perf_counter() - started)
+            # They were in flight: at cost 12, few of the 200 can be answered by now.
+            unanswered = 0
+            for login in logins:
+                login.setblocking(False)
+                try:
+                    login.recv(1)
+                except BlockingIOError:
+                    unanswered += 1
+            assert unanswered > 150, f"only {unanswered} logins were still waiting"
+    assert max(latencies) < 1.0, f"latencies while logins hash: {latencies}"
+
+
+def test_wrong_password_and_unknown_email_take_about_as_long(tmp_path):
+    with real_server(tmp_path, APP_BCRYPT_ROUNDS="10") as base_url:
+        log_in_to(base_url)
+        timings = {"wrong password": [], "unknown email": []}
+        with httpx2.Client(base_url=base_url) as timing_client:
+            for _ in range(9):
+                for case, email, password in [
+                    ("wrong password", "ada@example.com", "not the password"),
+                    ("unknown email", "nobody@example.com", PASSWORD),
+                ]:
+                    started = time.perf_counter()
+                    response = timing_client.post(
+                        "/auth/token", data={"username": email, "password": password}
+                    )
+                    timings[case].append(time.perf_counter() - started)
+                    assert response.status_code == 401
+    wrong, unknown = (statistics.median(timings[case]) for case in timings)
+    assert max(wrong, unknown) / min(wrong, unknown) < 1.5, f"login timings: {timings}"
+
+
+# --- Login rate limit --------------------------------------------------------
+
+
+def test_the_eleventh_guess_is_429_even_with_the_right_password(
+    client, database, monkeypatch
+):
+    register(client)
+    checks = count_bcrypt_checks(monkeypatch)
+    assert wrong_logins(client, 10) == [401] * 10
     response = client.post(
-        "/auth/register", json={"email": email, "password": PASSWORD}
+        "/auth/token", data={"username": "ada@example.com", "password": PASSWORD}
     )
-    assert response.status_code == 409
-    assert response.json() == {"detail": "Email already registered"}
+    assert (response.status_code, response.json()) == (429, TOO_MANY)
+    assert 890 <= int(response.headers["retry-after"]) <= 900
+    assert len(checks) == 10  # no password was checked while locked
+    assert stored_attempts(database) == [("ada@example.com", 11)]
+
+
+def test_a_right_password_clears_the_count(client, database):
+    register(client)
+    assert wrong_logins(client, 9) == [401] * 9
+    assert token_headers(client)
+    assert stored_attempts(database) == []
+    assert wrong_logins(client, 11) == [401] * 10 + [429]
+
+
+def test_unknown_emails_are_limited_alike(client, database):
+    assert wrong_logins(client, 11, "nobody@example.com") == [401] * 10 + [429]
+    assert stored_attempts(database) == [("nobody@example.com", 11)]
+
+
+def test_every_spelling_of_an_address_shares_one_count(client):
+    register(client, "ä@x.io")
+    for spelling in ["ä@x.io", "Ä@x.io", "a\u0308@x.io", "Ä@X.IO", "ä@X.io"] * 2:
+        assert wrong_logins(client, 1, spelling) == [401]
+    assert wrong_logins(client, 1, "Ä@X.io") == [429]
+
+
+def test_the_limit_holds_under_concurrency(client, monkeypatch):
+    register(client)
+    checks = count_bcrypt_checks(monkeypatch)
+    with ThreadPoolExecutor(50) as pool:
+        statuses = list(pool.map(lambda _: wrong_logins(client, 1)[0], range(50)))
+    assert statuses.count(401) <= 10 and statuses.count(401) == len(checks)
+    assert statuses.count(429) == 50 - statuses.count(401)
+
+
+def test_the_count_is_shared_through_the_database_and_survives_a_restart(
+    client, database
+):
+    assert wrong_logins(client, 10, "nobody@example.com") == [401] * 10
+    # What another worker sees: the same file.
+    assert stored_attempts(database) == [("nobody@example.com", 10)]
+    with TestClient(app) as restarted:
+        assert wrong_logins(restarted, 1, "nobody@example.com") == [429]
+
+
+def test_the_window_passes_and_stale_counts_are_removed(client, database, monkeypatch):
+    monkeypatch.setattr(settings, "login_window_seconds", 1)
+    monkeypatch.setattr(settings, "login_attempts", 2)
+    register(client)
+    assert wrong_logins(client, 3) == [401, 401, 429]
+    assert wrong_logins(client, 1, "x@example.com") == [401]
+    assert stored_attempts(database) == [("ada@example.com", 3), ("x@example.com", 1)]
+    time.sleep(1.1)
+    assert wrong_logins(client, 1, "other@example.com") == [401]
+    assert stored_attempts(database) == [("other@example.com", 1)]
+    assert token_headers(client)
+
+
+def test_the_limit_comes_from_the_settings(client, monkeypatch):
+    monkeypatch.setattr(settings, "login_attempts", 3)
+    monkeypatch.setattr(settings, "login_window_seconds", 60)
+    assert wrong_logins(client, 4) == [401, 401, 401, 429]
+    response = client.post(
+        "/auth/token", json={"email": "ada@example.com", "password": "p"}
+    )
+    assert 1 <= int(response.headers["retry-after"]) <= 60
+
+
+# --- The current user --------------------------------------------------------
+
+
+def test_me(client, auth):
+    response = client.get("/users/me", headers=auth)
+    assert response.status_code == 200
+    assert set(response.json()) == {"id", "email", "created_at"}
+    assert response.json()["email"] == "ada@example.com"
+
+
+def test_missing_token_is_401(client):
+    response = client.get("/users/me")
+    assert response.status_code == 401
+    assert response.json() == {"detail": "Not authenticated"}
+    assert response.headers["www-authenticate"] == "Bearer"
+
+
+def test_scheme_name_is_case_insensitive(client, auth):
+    token = auth["Authorization"].split()[1]
+    assert (
+        client.get(
+            "/users/me", headers={"Authorization": f"bearer {token}"}
+        ).status_code
+        == 200
+    )
+
+
+@pytest.mark.parametrize(
+    "make_token",
+    [
+        lambda user_id: token_for(
+            user_id, key="another-secret-key-that-is-long-enough-for-hs256"
+        ),
+        lambda user_id: token_for(user_id, algorithm="HS512"),
+        lambda user_id: token_for(user_id, key=None, algorithm="none"),
+        lambda user_id: token_for(
+            user_id, exp=datetime.now(UTC) - timedelta(seconds=1)
+        ),
+        lambda user_id: token_for(user_id, exp=None),
+        lambda user_id: token_for(None),
+        lambda user_id: token_for(user_id, ver=None),
+        lambda user_id: token_for(user_id, ver=1),
+        lambda user_id: token_for(user_id, ver="zero"),
+        lambda user_id: token_for(user_id, ver=2**64),
+        lambda user_id: token_for(user_id + 1),
+        lambda user_id: token_for("abc"),
+        lambda user_id: "not.a.token",
+        lambda user_id: token_for(user_id)[:-3] + "abc",
+    ],
+    ids=[
+        "other key",
+        "HS512",
+        "alg none",
+        "expired",
+        "no exp",
+        "no sub",
+        "no ver",
+        "a later ver",
+        "ver not a number",
+        "ver too large",
+        "unknown user",
+        "sub not an id",
+        "malformed",
+        "bad signature",
+    ],
+)
+def test_bad_token_is_401(client, make_token):
+    user_id = register(client)["id"]
+    response = client.get(
+        "/users/me", headers={"Authorization": f"Bearer {make_token(user_id)}"}
+    )
+    assert response.status_code == 401
+    assert response.json() == BAD_TOKEN
+    assert response.headers["www-authenticate"] == "Bearer"
+
+
+def test_tampered_payload_is_401(client):
+    first, second = register(client)["id"], register(client, "bob@example.com")["id"]
+    header, _, signature = token_for(first).split(".")
+    _, payload, _ = token_for(second).split(".")
+    response = client.get(
+        "/users/me", headers={"Authorization": f"Bearer {header}.{payload}.{signature}"}
+    )
+    assert response.status_code == 401
+
+
+def test_a_deleted_users_token_stays_dead_after_someone_registers(client, auth):
+    client.delete("/users/me", headers=auth)
+    newcomer = register(client, "bob@example.com")
+    assert newcomer["id"] != 1  # ids are never reused
+    assert client.get("/tasks", headers=auth).status_code == 401
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/tasks"),
+        ("POST", "/tasks"),
+        ("GET", "/tasks/1"),
+        ("PATCH", "/tasks/1"),
+        ("PUT", "/tasks/1"),
+        ("DELETE", "/tasks/1"),
+        ("GET", "/users/me"),
+        ("DELETE", "/users/me"),
+        ("PUT", "/users/me/password"),
+        ("POST", "/auth/logout"),
+    ],
+)
+def test_every_private_route_needs_a_token(client, method, path):
+    response = client.request(method, path, json={"title": "t"})
+    assert response.status_code == 401
+    assert response.json() == {"detail": "Not authenticated"}
+    assert response.headers["www-authenticate"] == "Bearer"
+
+
+@pytest.mark.parametrize(
+    ("authorization", "detail"),
+    [
+        (b"", "Not authenticated"),
+        (b"Bearer", "Could not validate credentials"),  # an empty token
+        (b"Basic YWRhOmNvcnJlY3QgaG9yc2U=", "Not authenticated"),
+        (b"Token abc.def.ghi", "Not authenticated"),
+        (b"Bearer " + b"a" * 100_000, "Could not validate credentials"),
+        (b"Bearer \xc3\xbc\xff\xfe", "Could not validate credentials"),
+        (b"Bearer a.b.c", "Could not validate credentials"),
+        (b"Bearer ' OR 1=1 --", "Could not validate credentials"),
+    ],
+)
+def test_hostile_authorization_headers_are_401(client, authorization, detail):
+    register(client)
+    response = client.get("/tasks", headers={"Authorization": authorization})
+    assert response.status_code == 401
+    assert response.json() == {"detail": detail}
+    assert response.headers["www-authenticate"] == "Bearer"
+
+
+@pytest.mark.parametrize(
+    "sub",
+    [5, "5.0", " 5", "0", "-1", str(HUGE), "1e3", "", None],
+    ids=[
+        "not a string",
+        "decimal",
+        "space",
+        "zero",
+        "negative",
+        "huge",
+        "exponent",
+        "empty",
+        "null",
+    ],
+)
+def test_a_sub_that_is_not_a_user_id_is_401(client, sub):
+    register(client)
+    claims = {"sub": sub, "ver": 0, "exp": int(time.time()) + 300}
+    response = client.get(
+        "/users/me", headers={"Authorization": f"Bearer {signed(claims)}"}
+    )
+    assert response.status_code == 401
+    assert response.json() == BAD_TOKEN
+
+
+def test_a_signed_token_for_a_real_id_works(client):
+    user_id = register(client)["id"]
+    claims = {"sub": str(user_id), "ver": 0, "exp": int(time.time()) + 300}
+    assert (
+        client.get(
+            "/users/me", headers={"Authorization": f"Bearer {signed(claims)}"}
+        ).status_code
+        == 200
+    )
+
+
+# --- Request and response models ---------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -318,83 +1005,213 @@ def test_register_refuses_addresses_email_validator_refuses(client, email):
     assert problem["msg"].startswith("Value error, ")
 
 
-@pytest.mark.parametrize(
-    ("sent", "stored"),
-    [
-        ("Ada@Example.COM", "ada@example.com"),
-        ("Ä@x.io", "ä@x.io"),
-        ("a\u0308@x.io", "ä@x.io"),  # NFD: a and a combining diaeresis
-        ("a@XN--BCHER-KVA.example", "a@bücher.example"),
-    ],
-    ids=["case", "upper-case umlaut", "NFD", "punycode domain"],
-)
-def test_emails_are_stored_normalised_and_lower_cased(client, database, sent, stored):
-    assert register(client, sent)["email"] == stored
-    user = sqlite3.connect(database).execute("SELECT email FROM user").fetchone()
-    assert user == (stored,)
-
-
-def test_every_spelling_of_an_address_is_one_account(client):
-    register(client, "ä@x.io")
-    for spelling in ["Ä@x.io", "a\u0308@x.io", "Ä@X.IO", "ä@X.io"]:
-        response = client.post(
-            "/auth/register", json={"email": spelling, "password": PASSWORD}
-        )
-        assert response.status_code == 409, spelling
-        assert response.json() == {"detail": "Email already registered"}
-        assert token_headers(client, spelling)  # and each of them logs in
-
-
-def test_a_punycode_domain_logs_in_as_its_unicode_form(client):
-    register(client, "a@XN--BCHER-KVA.example")
-    assert token_headers(client, "a@bücher.example")
-    assert token_headers(client, "A@xn--bcher-kva.example")
-
-
-def test_the_password_is_prehashed_with_hmac_then_hashed_with_bcrypt(client, database):
-    register(client)
-    stored = sqlite3.connect(database).execute("SELECT password_hash FROM user")
-    password_hash = stored.fetchone()[0]
-    assert password_hash.startswith(b"$2b$04$")
-    digest = hmac.digest(b"todo-api password v1", PASSWORD.encode(), "sha256")
-    assert bcrypt.checkpw(base64.b64encode(digest), password_hash)
-    assert not bcrypt.checkpw(PASSWORD.encode(), password_hash)
-
-
-def test_nothing_of_a_long_password_is_cut(client):
-    # 100 bytes that differ only in the last one: bcrypt alone would read 72.
-    register(client, password="ü" * 49 + "1")
-    response = client.post(
-        "/auth/token", data={"username": "ada@example.com", "password": "ü" * 49 + "2"}
+def test_client_cannot_set_id_owner_or_created_at(client, auth, database):
+    sent = {
+        "title": "t",
+        "id": 999,
+        "owner_id": 999,
+        "created_at": "2000-01-01T00:00:00Z",
+    }
+    task = client.post("/tasks", json=sent, headers=auth).json()
+    assert task["id"] == 1 and not task["created_at"].startswith("2000")
+    client.patch(
+        "/tasks/1",
+        json={"id": 5, "owner_id": 5, "created_at": "2000-01-01T00:00:00Z"},
+        headers=auth,
     )
-    assert response.json() == WRONG_LOGIN
+    stored = (
+        sqlite3.connect(database)
+        .execute("SELECT id, owner_id, created_at FROM task")
+        .fetchone()
+    )
+    assert stored == (1, 1, task["created_at"].replace("000Z", "Z"))
 
 
 @pytest.mark.parametrize(
-    ("registered", "typed"),
+    ("body", "location"),
     [
-        ("caf\u00e9 au lait, s'il vous plaît", "cafe\u0301 au lait, s'il vous plaît"),
-        ("ｆｕｌｌｗｉｄｔｈ ｐａｓｓｗｏｒｄ", "fullwidth password"),
+        ({}, ["body", "title"]),
+        ({"title": ""}, ["body", "title"]),
+        ({"title": "   "}, ["body", "title"]),
+        ({"title": "x" * 201}, ["body", "title"]),
+        ({"title": None}, ["body", "title"]),
+        ({"title": 42}, ["body", "title"]),
+        ({"title": "t", "description": "x" * 2001}, ["body", "description"]),
+        ({"title": "t", "done": "yes"}, ["body", "done"]),
+        ({"title": "t", "done": 1}, ["body", "done"]),
+        ({"title": "t", "due_date": 0}, ["body", "due_date"]),
+        ({"title": "t", "due_date": "86400"}, ["body", "due_date"]),
+        ({"title": "t", "due_date": "2026-02-30"}, ["body", "due_date"]),
+        ({"title": "t", "due_date": "2026-01-01T00:00:00"}, ["body", "due_date"]),
+        ({"title": "t", "due_date": "01/02/2026"}, ["body", "due_date"]),
     ],
-    ids=["NFC then NFD", "fullwidth then ASCII"],
 )
-def test_a_password_is_normalised_before_every_check(client, registered, typed):
-    register(client, password=registered)
-    assert token_headers(client, password=typed)
+def test_create_task_refuses_bad_input(client, auth, body, location):
+    response = client.post("/tasks", json=body, headers=auth)
+    assert response.status_code == 422
+    assert response.json()["detail"][0]["loc"] == location
 
 
-def test_openapi_states_the_password_rule_exactly(client):
-    schemas = client.get("/openapi.json").json()["components"]["schemas"]
-    for model, field in [
-        ("UserCreate", "password"),
-        ("PasswordChange", "new_password"),
-    ]:
-        password = schemas[model]["properties"][field]
-        assert (password["minLength"], password["maxLength"]) == (15, 128)
-    assert schemas["UserCreate"]["properties"]["email"]["format"] == "email"
+def test_create_task_accepts_the_longest_fields(client, auth):
+    task = add_task(client, auth, title="x" * 200, description="y" * 2000)
+    assert len(task["title"]) == 200 and len(task["description"]) == 2000
 
 
-# --- Logging in --------------------------------------------------------------
+@pytest.mark.parametrize(
+    "query", ["limit=0", "limit=101", "offset=-1", "done=maybe", "limit=x"]
+)
+def test_list_tasks_refuses_bad_queries(client, auth, query):
+    response = client.get(f"/tasks?{query}", headers=auth)
+    assert response.status_code == 422
+    assert response.json()["detail"][0]["loc"][0] == "query"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [{"title": None}, {"done": None}, {"title": ""}, {"done": "true"}, {"due_date": 5}],
+)
+def test_patch_refuses_bad_input(client, auth, body):
+    task = add_task(client, auth)
+    response = client.patch(f"/tasks/{task['id']}", json=body, headers=auth)
+    assert response.status_code == 422
+    assert response.json()["detail"][0]["loc"] == ["body", *body]
+    assert client.get(f"/tasks/{task['id']}", headers=auth).json() == task
+
+
+def test_a_title_counts_its_200_characters_as_sent(client, auth):
+    response = client.post("/tasks", json={"title": " " + "x" * 200}, headers=auth)
+    assert response.status_code == 422
+    assert add_task(client, auth, title=" " + "x" * 199)["title"] == "x" * 199
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", f"/tasks/{HUGE}"),
+        ("PATCH", f"/tasks/{HUGE}"),
+        ("PUT", f"/tasks/{HUGE}"),
+        ("DELETE", f"/tasks/{HUGE}"),
+        ("GET", f"/tasks/{2**63}"),
+        ("GET", "/tasks/0"),
+        ("GET", "/tasks/-1"),
+        ("GET", "/tasks/1.5"),
+        ("GET", "/tasks/abc"),
+        ("GET", f"/tasks?offset={HUGE}"),
+        ("GET", f"/tasks?limit={HUGE}"),
+        ("GET", "/tasks?offset=-1"),
+    ],
+)
+def test_numbers_out_of_range_are_422(client, auth, method, path):
+    response = client.request(method, path, json={"title": "t"}, headers=auth)
+    assert response.status_code == 422
+    assert response.json()["detail"][0]["loc"][0] in ("path", "query")
+
+
+@pytest.mark.parametrize(
+    ("content", "status"),
+    [
+        (b"{", 422),
+        (b"[]", 422),
+        (b"null", 422),
+        (b"42", 422),
+        (b'"a title"', 422),
+        (b'{"title": "\\ud800"}', 422),  # a lone surrogate cannot be stored as UTF-8
+        (b'{"title": "t", "description": "\\udfff"}', 422),
+        ('{"title": "caf\u00e9"}'.encode("latin-1"), 400),  # not UTF-8 at all
+    ],
+)
+def test_malformed_task_bodies_are_refused(client, auth, content, status):
+    response = client.post("/tasks", content=content, headers=auth | JSON)
+    assert response.status_code == status
+    assert "detail" in response.json()
+    assert client.get("/tasks", headers=auth).json() == []
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"email": "a" * 10_000 + "@example.com", "password": PASSWORD},
+        {"email": "ada@example.com", "password": "x" * 60_000},
+        {"email": "ada@example.com\ud800", "password": PASSWORD},
+        {"email": "ada@example.com", "password": PASSWORD + "\ud800"},
+        {"email": "ada@example.com", "password": "\ud800" * 20},
+        {"email": ["ada@example.com"], "password": PASSWORD},
+        {"email": None, "password": None},
+    ],
+)
+def test_hostile_registrations_are_422(client, body):
+    # json.dumps writes a lone surrogate as the escape \ud800, as a hostile client does.
+    response = client.post("/auth/register", content=json.dumps(body), headers=JSON)
+    assert response.status_code == 422
+    assert "detail" in response.json()
+    assert "input" not in response.text and PASSWORD not in response.text
+
+
+def test_a_long_title_is_422(client, auth):
+    response = client.post("/tasks", json={"title": "x" * 60_000}, headers=auth)
+    assert response.status_code == 422
+    assert response.json()["detail"][0]["loc"] == ["body", "title"]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Robert'); DROP TABLE task; --",
+        "' OR '1'='1",
+        "%s %d %(title)s {0} {title} ${HOME}",
+        "nul\x00inside",
+        "\x00",
+        "emoji 🚀 and ünïcödé",
+    ],
+)
+def test_hostile_text_is_stored_verbatim(client, auth, database, text):
+    task = add_task(client, auth, title=text, description=text)
+    assert (task["title"], task["description"]) == (text, text)
+    assert client.get(f"/tasks/{task['id']}", headers=auth).json() == task
+    stored = sqlite3.connect(database).execute("SELECT title, description FROM task")
+    assert stored.fetchall() == [(text, text)]
+
+
+# --- Routes: health and accounts ---------------------------------------------
+
+
+def test_health(client):
+    assert client.get("/health").json() == {"status": "ok"}
+
+
+def test_health_is_503_when_the_database_cannot_answer(client, database):
+    database.write_bytes(b"this is not a database" * 1000)
+    response = client.get("/health")
+    assert response.status_code == 503
+    assert response.json() == {"detail": "Database unavailable"}
+
+
+def test_register_returns_the_user_and_its_location(client, database):
+    response = client.post(
+        "/auth/register", json={"email": "ada@example.com", "password": PASSWORD}
+    )
+    assert response.status_code == 201
+    assert response.headers["location"] == "/users/me"
+    user = response.json()
+    assert set(user) == {"id", "email", "created_at"}  # never the hash
+    assert user["email"] == "ada@example.com"
+    assert is_utc_timestamp(user["created_at"])
+    stored = (
+        sqlite3.connect(database)
+        .execute("SELECT password_hash FROM user")
+        .fetchone()[0]
+    )
+    assert stored.startswith(b"$2b$04$") and PASSWORD.encode() not in stored
+
+
+@pytest.mark.parametrize("email", ["ada@example.com", "ADA@Example.COM"])
+def test_register_twice_is_409_whatever_the_case(client, email):
+    register(client, "ada@example.com")
+    response = client.post(
+        "/auth/register", json={"email": email, "password": PASSWORD}
+    )
+    assert response.status_code == 409
+    assert response.json() == {"detail": "Email already registered"}
 
 
 def test_token_from_the_oauth2_form(client):
@@ -465,11 +1282,6 @@ def test_bad_login_is_one_401(client, username, password):
     assert response.headers["www-authenticate"] == "Bearer"
 
 
-JSON = {"content-type": "application/json"}
-FORM_HEADER = "Content-Type: application/x-www-form-urlencoded"
-FORM = {"content-type": "application/x-www-form-urlencoded"}
-
-
 @pytest.mark.parametrize(
     ("request_arguments", "problem"),
     [
@@ -535,182 +1347,6 @@ def test_a_strange_password_at_login_is_simply_wrong(client):
     response = client.post("/auth/token", content=body, headers=JSON)
     assert response.status_code == 422
     assert response.json()["detail"][0]["type"] == "json_invalid"
-
-
-# --- Login rate limit --------------------------------------------------------
-
-
-def test_the_eleventh_guess_is_429_even_with_the_right_password(
-    client, database, monkeypatch
-):
-    register(client)
-    checks = count_bcrypt_checks(monkeypatch)
-    assert wrong_logins(client, 10) == [401] * 10
-    response = client.post(
-        "/auth/token", data={"username": "ada@example.com", "password": PASSWORD}
-    )
-    assert (response.status_code, response.json()) == (429, TOO_MANY)
-    assert 890 <= int(response.headers["retry-after"]) <= 900
-    assert len(checks) == 10  # no password was checked while locked
-    assert stored_attempts(database) == [("ada@example.com", 11)]
-
-
-def test_a_right_password_clears_the_count(client, database):
-    register(client)
-    assert wrong_logins(client, 9) == [401] * 9
-    assert token_headers(client)
-    assert stored_attempts(database) == []
-    assert wrong_logins(client, 11) == [401] * 10 + [429]
-
-
-def test_unknown_emails_are_limited_alike(client, database):
-    assert wrong_logins(client, 11, "nobody@example.com") == [401] * 10 + [429]
-    assert stored_attempts(database) == [("nobody@example.com", 11)]
-
-
-def test_every_spelling_of_an_address_shares_one_count(client):
-    register(client, "ä@x.io")
-    for spelling in ["ä@x.io", "Ä@x.io", "a\u0308@x.io", "Ä@X.IO", "ä@X.io"] * 2:
-        assert wrong_logins(client, 1, spelling) == [401]
-    assert wrong_logins(client, 1, "Ä@X.io") == [429]
-
-
-def test_the_limit_holds_under_concurrency(client, monkeypatch):
-    register(client)
-    checks = count_bcrypt_checks(monkeypatch)
-    with ThreadPoolExecutor(50) as pool:
-        statuses = list(pool.map(lambda _: wrong_logins(client, 1)[0], range(50)))
-    assert statuses.count(401) <= 10 and statuses.count(401) == len(checks)
-    assert statuses.count(429) == 50 - statuses.count(401)
-
-
-def test_the_count_is_shared_through_the_database_and_survives_a_restart(
-    client, database
-):
-    assert wrong_logins(client, 10, "nobody@example.com") == [401] * 10
-    # What another worker sees: the same file.
-    assert stored_attempts(database) == [("nobody@example.com", 10)]
-    with TestClient(app) as restarted:
-        assert wrong_logins(restarted, 1, "nobody@example.com") == [429]
-
-
-def test_the_window_passes_and_stale_counts_are_removed(client, database, monkeypatch):
-    monkeypatch.setattr(settings, "login_window_seconds", 1)
-    monkeypatch.setattr(settings, "login_attempts", 2)
-    register(client)
-    assert wrong_logins(client, 3) == [401, 401, 429]
-    assert wrong_logins(client, 1, "x@example.com") == [401]
-    assert stored_attempts(database) == [("ada@example.com", 3), ("x@example.com", 1)]
-    time.sleep(1.1)
-    assert wrong_logins(client, 1, "other@example.com") == [401]
-    assert stored_attempts(database) == [("other@example.com", 1)]
-    assert token_headers(client)
-
-
-def test_the_limit_comes_from_the_settings(client, monkeypatch):
-    monkeypatch.setattr(settings, "login_attempts", 3)
-    monkeypatch.setattr(settings, "login_window_seconds", 60)
-    assert wrong_logins(client, 4) == [401, 401, 401, 429]
-    response = client.post(
-        "/auth/token", json={"email": "ada@example.com", "password": "p"}
-    )
-    assert 1 <= int(response.headers["retry-after"]) <= 60
-
-
-# --- Tokens ------------------------------------------------------------------
-
-
-def test_me(client, auth):
-    response = client.get("/users/me", headers=auth)
-    assert response.status_code == 200
-    assert set(response.json()) == {"id", "email", "created_at"}
-    assert response.json()["email"] == "ada@example.com"
-
-
-def test_missing_token_is_401(client):
-    response = client.get("/users/me")
-    assert response.status_code == 401
-    assert response.json() == {"detail": "Not authenticated"}
-    assert response.headers["www-authenticate"] == "Bearer"
-
-
-def test_scheme_name_is_case_insensitive(client, auth):
-    token = auth["Authorization"].split()[1]
-    assert (
-        client.get(
-            "/users/me", headers={"Authorization": f"bearer {token}"}
-        ).status_code
-        == 200
-    )
-
-
-@pytest.mark.parametrize(
-    "make_token",
-    [
-        lambda user_id: token_for(
-            user_id, key="another-secret-key-that-is-long-enough-for-hs256"
-        ),
-        lambda user_id: token_for(user_id, algorithm="HS512"),
-        lambda user_id: token_for(user_id, key=None, algorithm="none"),
-        lambda user_id: token_for(
-            user_id, exp=datetime.now(UTC) - timedelta(seconds=1)
-        ),
-        lambda user_id: token_for(user_id, exp=None),
-        lambda user_id: token_for(None),
-        lambda user_id: token_for(user_id, ver=None),
-        lambda user_id: token_for(user_id, ver=1),
-        lambda user_id: token_for(user_id, ver="zero"),
-        lambda user_id: token_for(user_id, ver=2**64),
-        lambda user_id: token_for(user_id + 1),
-        lambda user_id: token_for("abc"),
-        lambda user_id: "not.a.token",
-        lambda user_id: token_for(user_id)[:-3] + "abc",
-    ],
-    ids=[
-        "other key",
-        "HS512",
-        "alg none",
-        "expired",
-        "no exp",
-        "no sub",
-        "no ver",
-        "a later ver",
-        "ver not a number",
-        "ver too large",
-        "unknown user",
-        "sub not an id",
-        "malformed",
-        "bad signature",
-    ],
-)
-def test_bad_token_is_401(client, make_token):
-    user_id = register(client)["id"]
-    response = client.get(
-        "/users/me", headers={"Authorization": f"Bearer {make_token(user_id)}"}
-    )
-    assert response.status_code == 401
-    assert response.json() == BAD_TOKEN
-    assert response.headers["www-authenticate"] == "Bearer"
-
-
-def test_tampered_payload_is_401(client):
-    first, second = register(client)["id"], register(client, "bob@example.com")["id"]
-    header, _, signature = token_for(first).split(".")
-    _, payload, _ = token_for(second).split(".")
-    response = client.get(
-        "/users/me", headers={"Authorization": f"Bearer {header}.{payload}.{signature}"}
-    )
-    assert response.status_code == 401
-
-
-# --- Logging out and changing the password ------------------------------------
-
-NEW_PASSWORD = "a new and longer passphrase"
-
-
-def change_password(client, headers, current=PASSWORD, new=NEW_PASSWORD):
-    body = {"current_password": current, "new_password": new}
-    return client.put("/users/me/password", json=body, headers=headers)
 
 
 def test_logout_refuses_every_token_issued_until_now(client, auth):
@@ -822,9 +1458,6 @@ def test_a_revoked_token_cannot_change_the_password(client, auth):
     assert change_password(client, auth).json() == BAD_TOKEN
 
 
-# --- Deleting the account ----------------------------------------------------
-
-
 def test_delete_me_deletes_the_user_and_its_tasks(client, auth, database):
     add_task(client, auth)
     response = client.delete("/users/me", headers=auth)
@@ -836,25 +1469,54 @@ def test_delete_me_deletes_the_user_and_its_tasks(client, auth, database):
     assert client.get("/users/me", headers=auth).json() == BAD_TOKEN
 
 
-def test_task_ids_are_never_reused(client, auth):
-    first = add_task(client, auth)["id"]
-    client.delete(f"/tasks/{first}", headers=auth)
-    assert add_task(client, auth)["id"] == first + 1
+@pytest.mark.parametrize(
+    ("form", "status", "detail"),
+    [
+        ({}, 422, "Field required"),
+        ({"username": "ada@example.com"}, 422, "Field required"),
+        ({"password": PASSWORD}, 422, "Field required"),
+        ({"username": "", "password": ""}, 401, "Incorrect email or password"),
+    ],
+)
+def test_form_logins_with_missing_fields_are_refused(client, form, status, detail):
+    register(client)
+    # Sent as a form even when empty: an empty body has no type, which is a 415.
+    response = client.post("/auth/token", content=urlencode(form), headers=FORM)
+    assert response.status_code == status
+    body = response.json()["detail"]
+    assert (body if status == 401 else body[0]["msg"]) == detail
 
 
-def test_the_database_uses_write_ahead_logging(client, database):
-    journal_mode = sqlite3.connect(database).execute("PRAGMA journal_mode").fetchone()
-    assert journal_mode == ("wal",)
+@pytest.mark.parametrize(
+    "form",
+    [
+        {"username": "a" * 60_000, "password": PASSWORD},
+        {"username": "ada@example.com", "password": "p" * 60_000},
+        {"username": "ada@example.com' OR '1'='1", "password": "' OR '1'='1"},
+    ],
+)
+def test_form_logins_with_huge_or_hostile_fields_are_401(client, form):
+    register(client)
+    response = client.post("/auth/token", data=form)
+    assert response.status_code == 401
+    assert response.json() == {"detail": "Incorrect email or password"}
 
 
-def test_a_deleted_users_token_stays_dead_after_someone_registers(client, auth):
-    client.delete("/users/me", headers=auth)
-    newcomer = register(client, "bob@example.com")
-    assert newcomer["id"] != 1  # ids are never reused
-    assert client.get("/tasks", headers=auth).status_code == 401
+def test_concurrent_registrations_of_one_email_give_one_201(client):
+    def attempt(_):
+        return client.post(
+            "/auth/register", json={"email": "race@example.com", "password": PASSWORD}
+        )
+
+    with ThreadPoolExecutor(20) as pool:
+        responses = list(pool.map(attempt, range(20)))
+    assert sorted(response.status_code for response in responses) == [201] + [409] * 19
+    assert {r.json()["detail"] for r in responses if r.status_code == 409} == {
+        "Email already registered"
+    }
 
 
-# --- Tasks -------------------------------------------------------------------
+# --- Routes: tasks -----------------------------------------------------------
 
 
 def test_create_task(client, auth, database):
@@ -887,58 +1549,6 @@ def test_create_task_with_every_field(client, auth):
     task = add_task(client, auth, **fields)
     assert {name: task[name] for name in fields} == fields
     assert client.get(f"/tasks/{task['id']}", headers=auth).json() == task
-
-
-def test_client_cannot_set_id_owner_or_created_at(client, auth, database):
-    sent = {
-        "title": "t",
-        "id": 999,
-        "owner_id": 999,
-        "created_at": "2000-01-01T00:00:00Z",
-    }
-    task = client.post("/tasks", json=sent, headers=auth).json()
-    assert task["id"] == 1 and not task["created_at"].startswith("2000")
-    client.patch(
-        "/tasks/1",
-        json={"id": 5, "owner_id": 5, "created_at": "2000-01-01T00:00:00Z"},
-        headers=auth,
-    )
-    stored = (
-        sqlite3.connect(database)
-        .execute("SELECT id, owner_id, created_at FROM task")
-        .fetchone()
-    )
-    assert stored == (1, 1, task["created_at"].replace("000Z", "Z"))
-
-
-@pytest.mark.parametrize(
-    ("body", "location"),
-    [
-        ({}, ["body", "title"]),
-        ({"title": ""}, ["body", "title"]),
-        ({"title": "   "}, ["body", "title"]),
-        ({"title": "x" * 201}, ["body", "title"]),
-        ({"title": None}, ["body", "title"]),
-        ({"title": 42}, ["body", "title"]),
-        ({"title": "t", "description": "x" * 2001}, ["body", "description"]),
-        ({"title": "t", "done": "yes"}, ["body", "done"]),
-        ({"title": "t", "done": 1}, ["body", "done"]),
-        ({"title": "t", "due_date": 0}, ["body", "due_date"]),
-        ({"title": "t", "due_date": "86400"}, ["body", "due_date"]),
-        ({"title": "t", "due_date": "2026-02-30"}, ["body", "due_date"]),
-        ({"title": "t", "due_date": "2026-01-01T00:00:00"}, ["body", "due_date"]),
-        ({"title": "t", "due_date": "01/02/2026"}, ["body", "due_date"]),
-    ],
-)
-def test_create_task_refuses_bad_input(client, auth, body, location):
-    response = client.post("/tasks", json=body, headers=auth)
-    assert response.status_code == 422
-    assert response.json()["detail"][0]["loc"] == location
-
-
-def test_create_task_accepts_the_longest_fields(client, auth):
-    task = add_task(client, auth, title="x" * 200, description="y" * 2000)
-    assert len(task["title"]) == 200 and len(task["description"]) == 2000
 
 
 def test_list_tasks_oldest_first(client, auth):
@@ -988,15 +1598,6 @@ def test_list_tasks_limit_defaults_to_100(client, auth, database):
     assert len(client.get("/tasks", headers=auth).json()) == 100
 
 
-@pytest.mark.parametrize(
-    "query", ["limit=0", "limit=101", "offset=-1", "done=maybe", "limit=x"]
-)
-def test_list_tasks_refuses_bad_queries(client, auth, query):
-    response = client.get(f"/tasks?{query}", headers=auth)
-    assert response.status_code == 422
-    assert response.json()["detail"][0]["loc"][0] == "query"
-
-
 def test_patch_changes_only_the_fields_sent(client, auth):
     task = add_task(client, auth, title="t", description="d", due_date="2026-12-01")
     response = client.patch(f"/tasks/{task['id']}", json={"done": True}, headers=auth)
@@ -1016,18 +1617,6 @@ def test_patch_with_null_clears_description_and_due_date(client, auth):
         headers=auth,
     )
     assert response.json() == task | {"description": None, "due_date": None}
-
-
-@pytest.mark.parametrize(
-    "body",
-    [{"title": None}, {"done": None}, {"title": ""}, {"done": "true"}, {"due_date": 5}],
-)
-def test_patch_refuses_bad_input(client, auth, body):
-    task = add_task(client, auth)
-    response = client.patch(f"/tasks/{task['id']}", json=body, headers=auth)
-    assert response.status_code == 422
-    assert response.json()["detail"][0]["loc"] == ["body", *body]
-    assert client.get(f"/tasks/{task['id']}", headers=auth).json() == task
 
 
 def test_put_replaces_the_whole_task(client, auth):
@@ -1050,12 +1639,6 @@ def test_put_with_every_field(client, auth):
     assert response.json() == task | fields
 
 
-def test_a_title_counts_its_200_characters_as_sent(client, auth):
-    response = client.post("/tasks", json={"title": " " + "x" * 200}, headers=auth)
-    assert response.status_code == 422
-    assert add_task(client, auth, title=" " + "x" * 199)["title"] == "x" * 199
-
-
 def test_put_requires_a_title(client, auth):
     task = add_task(client, auth)
     response = client.put(f"/tasks/{task['id']}", json={"done": True}, headers=auth)
@@ -1068,15 +1651,6 @@ def test_delete_task(client, auth):
     response = client.delete(f"/tasks/{task['id']}", headers=auth)
     assert response.status_code == 204
     assert client.get(f"/tasks/{task['id']}", headers=auth).status_code == 404
-
-
-# Every way to reach one task by its id, with a body where the method takes one.
-BY_ID = [
-    ("GET", None),
-    ("PATCH", {"done": True}),
-    ("PUT", {"title": "mine now"}),
-    ("DELETE", None),
-]
 
 
 @pytest.mark.parametrize(("method", "body"), BY_ID)
@@ -1101,28 +1675,6 @@ def test_another_users_task_does_not_exist(client, auth, method, body):
 
 @pytest.mark.parametrize(
     ("method", "path"),
-    [
-        ("GET", "/tasks"),
-        ("POST", "/tasks"),
-        ("GET", "/tasks/1"),
-        ("PATCH", "/tasks/1"),
-        ("PUT", "/tasks/1"),
-        ("DELETE", "/tasks/1"),
-        ("GET", "/users/me"),
-        ("DELETE", "/users/me"),
-        ("PUT", "/users/me/password"),
-        ("POST", "/auth/logout"),
-    ],
-)
-def test_every_private_route_needs_a_token(client, method, path):
-    response = client.request(method, path, json={"title": "t"})
-    assert response.status_code == 401
-    assert response.json() == {"detail": "Not authenticated"}
-    assert response.headers["www-authenticate"] == "Bearer"
-
-
-@pytest.mark.parametrize(
-    ("method", "path"),
     [("PUT", "/tasks"), ("DELETE", "/health"), ("GET", "/auth/token")],
 )
 def test_known_path_with_another_method_is_405(client, method, path):
@@ -1131,7 +1683,49 @@ def test_known_path_with_another_method_is_405(client, method, path):
     assert response.json() == {"detail": "Method Not Allowed"}
 
 
-# --- Documentation -----------------------------------------------------------
+def test_the_largest_id_is_simply_not_found(client, auth):
+    assert client.get(f"/tasks/{2**63 - 1}", headers=auth).status_code == 404
+
+
+def test_a_task_added_as_its_owner_is_deleted_is_401(
+    client, auth, database, monkeypatch
+):
+    user = client.get("/users/me", headers=auth).json()
+
+    def owner_deleted_meanwhile():
+        with sqlite3.connect(database) as other_request:
+            other_request.execute("DELETE FROM user")
+        return user
+
+    overrides = app.dependency_overrides
+    monkeypatch.setitem(overrides, todo_api.get_current_user, owner_deleted_meanwhile)
+    response = client.post("/tasks", json={"title": "t"}, headers=auth)
+    assert (response.status_code, response.json()) == (401, BAD_TOKEN)
+
+
+def test_adding_tasks_while_the_account_is_deleted_never_fails(client, auth):
+    def add(_):
+        return client.post("/tasks", json={"title": "t"}, headers=auth).status_code
+
+    with ThreadPoolExecutor(8) as pool:
+        adds = [pool.submit(add, n) for n in range(40)]
+        assert client.delete("/users/me", headers=auth).status_code == 204
+        statuses = {added.result() for added in adds}
+    assert statuses <= {201, 401}
+
+
+# --- Routes: what /docs says each one answers --------------------------------
+
+
+def test_openapi_states_the_password_rule_exactly(client):
+    schemas = client.get("/openapi.json").json()["components"]["schemas"]
+    for model, field in [
+        ("UserCreate", "password"),
+        ("PasswordChange", "new_password"),
+    ]:
+        password = schemas[model]["properties"][field]
+        assert (password["minLength"], password["maxLength"]) == (15, 128)
+    assert schemas["UserCreate"]["properties"]["email"]["format"] == "email"
 
 
 def test_docs_are_served(client):
@@ -1140,31 +1734,6 @@ def test_docs_are_served(client):
 
 def test_docs_keep_the_authorisation_across_a_reload(client):
     assert '"persistAuthorization": true' in client.get("/docs").text
-
-
-# Each route's statuses, from the contract's table of endpoints.
-STATUSES = {
-    ("get", "/health"): {"200"},
-    ("post", "/auth/register"): {"201", "409", "422"},
-    ("post", "/auth/token"): {"200", "401", "415", "422", "429"},
-    ("post", "/auth/logout"): {"204", "401"},
-    ("get", "/users/me"): {"200", "401"},
-    ("put", "/users/me/password"): {"200", "401", "403", "422", "429"},
-    ("delete", "/users/me"): {"204", "401"},
-    ("get", "/tasks"): {"200", "401", "422"},
-    ("post", "/tasks"): {"201", "401", "422"},
-    ("get", "/tasks/{task_id}"): {"200", "401", "404", "422"},
-    ("patch", "/tasks/{task_id}"): {"200", "401", "404", "422"},
-    ("put", "/tasks/{task_id}"): {"200", "401", "404", "422"},
-    ("delete", "/tasks/{task_id}"): {"204", "401", "404", "422"},
-}
-
-
-def operations(client):
-    spec = client.get("/openapi.json").json()
-    for path, methods in spec["paths"].items():
-        for method, operation in methods.items():
-            yield method, path, operation
 
 
 def test_openapi_lists_each_routes_statuses_and_the_apps_once(client):
@@ -1272,62 +1841,37 @@ def test_openapi_types_match_what_the_code_accepts(client):
     assert create["title"]["pattern"] == "\\S"  # not all white space
 
 
-# --- Settings and startup ----------------------------------------------------
-
-
-def fresh_module(monkeypatch, tmp_path, **environment):
-    """Import todo_api anew in an empty folder with these APP_* variables."""
-    monkeypatch.chdir(tmp_path)
-    for name, value in environment.items():
-        monkeypatch.setenv(name, value)
-    spec = importlib.util.spec_from_file_location("todo_api_fresh", todo_api.__file__)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_defaults_need_no_environment(monkeypatch, tmp_path):
-    module = fresh_module(monkeypatch, tmp_path)
-    assert module.settings.model_dump() == {
-        "database_path": "todo.db",
-        "secret_key": SecretStr(""),
-        "access_token_expire_minutes": 30,
-        "bcrypt_rounds": 12,
-        "login_attempts": 10,
-        "login_window_seconds": 900,
-        "cors_origins": [],
-    }
-    with TestClient(module.app) as client:
-        assert client.get("/health").status_code == 200
-    assert (
-        tmp_path / "todo.db"
-    ).exists()  # in the working folder, schema applied from beside the module
-
-
-def test_settings_come_from_a_dot_env_file(monkeypatch, tmp_path):
-    (tmp_path / ".env").write_text(
-        "APP_ACCESS_TOKEN_EXPIRE_MINUTES=5\nAPP_DATABASE_PATH=other.db\n"
+@pytest.mark.parametrize("top_level", ["arpa", "invalid", "local", "onion", "test"])
+def test_openapi_says_which_email_domains_are_refused(client, top_level):
+    schemas = client.get("/openapi.json").json()["components"]["schemas"]
+    email = schemas["UserCreate"]["properties"]["email"]
+    assert (email["format"], email["maxLength"]) == ("email", 254)
+    refused = f"ada@example.{top_level}"
+    assert re.search(email["not"]["pattern"], refused)
+    assert not re.search(email["not"]["pattern"], "ada@example.com")
+    response = client.post(
+        "/auth/register", json={"email": refused, "password": PASSWORD}
     )
-    module = fresh_module(monkeypatch, tmp_path)
-    assert (
-        module.settings.access_token_expire_minutes,
-        module.settings.database_path,
-    ) == (5, "other.db")
+    assert response.status_code == 422
+    assert "special-use or reserved name" in response.json()["detail"][0]["msg"]
 
 
-@pytest.mark.parametrize(
-    "origins",
-    [
-        "https://a.example, https://b.example",
-        '["https://a.example", "https://b.example"]',
-    ],
-)
-def test_cors_origins_as_a_list_or_comma_separated(monkeypatch, origins):
-    monkeypatch.setenv("APP_CORS_ORIGINS", origins)
-    assert todo_api.Settings(_env_file=None).cors_origins == [
-        "https://a.example",
-        "https://b.example",
-    ]
+# --- The application: errors, startup, CORS ----------------------------------
+
+
+def test_a_database_error_inside_a_route_is_503(monkeypatch, tmp_path, caplog):
+    module = fresh_module(monkeypatch, tmp_path, APP_BCRYPT_ROUNDS="4")
+
+    @module.app.get("/failing")
+    def failing(db: module.DB) -> None:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    with TestClient(module.app) as client:
+        response = client.get("/failing")
+        assert response.status_code == 503
+        assert response.json() == {"detail": "Database unavailable"}
+        assert len(module.idle_connections) == 1  # the connection went back to the pool
+    assert "Database error: disk I/O error" in caplog.text
 
 
 def test_cors_preflight_for_an_authenticated_request(monkeypatch, tmp_path):
@@ -1375,48 +1919,6 @@ def test_no_cors_headers_by_default(client):
     assert not any(name.startswith("access-control") for name in response.headers)
 
 
-@pytest.mark.parametrize(
-    "key", ["my-typo-secret", "a" * 31, "€" * 10]
-)  # 10 euro signs are 30 bytes
-def test_a_short_secret_key_stops_startup_without_showing_it(monkeypatch, key):
-    monkeypatch.setenv("APP_SECRET_KEY", key)
-    with pytest.raises(
-        ValueError, match="APP_SECRET_KEY needs 32[+] bytes: openssl rand"
-    ) as error:
-        todo_api.Settings(_env_file=None)
-    assert key not in str(error.value)
-
-
-def test_a_short_secret_key_stops_the_server_and_is_not_printed(tmp_path):
-    key = "my-typo-secret"
-    command = [sys.executable, "-m", "uvicorn", "todo_api:app", "--app-dir", str(HERE)]
-    result = subprocess.run(
-        command,
-        check=False,
-        cwd=tmp_path,
-        env=server_environment() | {"APP_SECRET_KEY": key},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert result.returncode != 0
-    assert "APP_SECRET_KEY needs 32+ bytes" in result.stderr
-    assert key not in result.stdout + result.stderr
-
-
-def test_a_32_byte_key_is_enough(monkeypatch):
-    monkeypatch.setenv("APP_SECRET_KEY", "€" * 11)  # 11 characters, 33 bytes
-    key = todo_api.Settings(_env_file=None).secret_key
-    assert key.get_secret_value() == "€" * 11
-
-
-def test_the_settings_never_show_the_key(monkeypatch):
-    monkeypatch.setenv("APP_SECRET_KEY", SECRET)
-    loaded = todo_api.Settings(_env_file=None)
-    assert SECRET not in repr(loaded) and SECRET not in str(loaded)
-    assert SECRET not in repr(loaded.model_dump())
-
-
 def test_without_a_secret_key_one_is_generated_kept_and_announced(
     database, monkeypatch, caplog
 ):
@@ -1441,25 +1943,6 @@ def test_deleting_the_stored_key_ends_every_session(database, monkeypatch):
     with TestClient(app) as client:  # the next start makes a new key
         assert client.get("/users/me", headers=headers).json() == BAD_TOKEN
         assert token_headers(client)
-
-
-@pytest.mark.parametrize(
-    ("name", "value"),
-    [
-        ("APP_LOGIN_ATTEMPTS", "0"),
-        ("APP_LOGIN_WINDOW_SECONDS", "0"),
-        ("APP_BCRYPT_ROUNDS", "3"),
-        ("APP_ACCESS_TOKEN_EXPIRE_MINUTES", "0"),
-    ],
-)
-def test_settings_out_of_range_stop_startup(monkeypatch, name, value):
-    monkeypatch.setenv(name, value)
-    with pytest.raises(ValueError, match=name.removeprefix("APP_").lower()):
-        todo_api.Settings(_env_file=None)
-
-
-def mode(path):
-    return stat.S_IMODE(os.stat(path).st_mode)
 
 
 def test_a_generated_key_lives_in_files_only_their_owner_can_read(tmp_path):
@@ -1534,84 +2017,6 @@ def test_the_server_exits_on_an_old_database_and_says_what_to_do(tmp_path):
     assert "Move it away, or delete it, and start again" in result.stderr
 
 
-# --- Hostile input: a clear 4xx, never a 500, nothing lost --------------------
-
-HUGE = 99999999999999999999  # beyond SQLite's 64-bit integers
-
-
-@pytest.mark.parametrize(
-    ("method", "path"),
-    [
-        ("GET", f"/tasks/{HUGE}"),
-        ("PATCH", f"/tasks/{HUGE}"),
-        ("PUT", f"/tasks/{HUGE}"),
-        ("DELETE", f"/tasks/{HUGE}"),
-        ("GET", f"/tasks/{2**63}"),
-        ("GET", "/tasks/0"),
-        ("GET", "/tasks/-1"),
-        ("GET", "/tasks/1.5"),
-        ("GET", "/tasks/abc"),
-        ("GET", f"/tasks?offset={HUGE}"),
-        ("GET", f"/tasks?limit={HUGE}"),
-        ("GET", "/tasks?offset=-1"),
-    ],
-)
-def test_numbers_out_of_range_are_422(client, auth, method, path):
-    response = client.request(method, path, json={"title": "t"}, headers=auth)
-    assert response.status_code == 422
-    assert response.json()["detail"][0]["loc"][0] in ("path", "query")
-
-
-def test_the_largest_id_is_simply_not_found(client, auth):
-    assert client.get(f"/tasks/{2**63 - 1}", headers=auth).status_code == 404
-
-
-@pytest.mark.parametrize(
-    ("content", "status"),
-    [
-        (b"{", 422),
-        (b"[]", 422),
-        (b"null", 422),
-        (b"42", 422),
-        (b'"a title"', 422),
-        (b'{"title": "\\ud800"}', 422),  # a lone surrogate cannot be stored as UTF-8
-        (b'{"title": "t", "description": "\\udfff"}', 422),
-        ('{"title": "caf\u00e9"}'.encode("latin-1"), 400),  # not UTF-8 at all
-    ],
-)
-def test_malformed_task_bodies_are_refused(client, auth, content, status):
-    response = client.post("/tasks", content=content, headers=auth | JSON)
-    assert response.status_code == status
-    assert "detail" in response.json()
-    assert client.get("/tasks", headers=auth).json() == []
-
-
-@pytest.mark.parametrize(
-    "body",
-    [
-        {"email": "a" * 10_000 + "@example.com", "password": PASSWORD},
-        {"email": "ada@example.com", "password": "x" * 60_000},
-        {"email": "ada@example.com\ud800", "password": PASSWORD},
-        {"email": "ada@example.com", "password": PASSWORD + "\ud800"},
-        {"email": "ada@example.com", "password": "\ud800" * 20},
-        {"email": ["ada@example.com"], "password": PASSWORD},
-        {"email": None, "password": None},
-    ],
-)
-def test_hostile_registrations_are_422(client, body):
-    # json.dumps writes a lone surrogate as the escape \ud800, as a hostile client does.
-    response = client.post("/auth/register", content=json.dumps(body), headers=JSON)
-    assert response.status_code == 422
-    assert "detail" in response.json()
-    assert "input" not in response.text and PASSWORD not in response.text
-
-
-def test_a_long_title_is_422(client, auth):
-    response = client.post("/tasks", json={"title": "x" * 60_000}, headers=auth)
-    assert response.status_code == 422
-    assert response.json()["detail"][0]["loc"] == ["body", "title"]
-
-
 def test_no_422_echoes_what_was_sent(client, auth):
     sent = [
         ("POST", "/auth/register", {"password": PASSWORD}),  # input: the whole body
@@ -1625,9 +2030,6 @@ def test_no_422_echoes_what_was_sent(client, auth):
         assert all("input" not in problem for problem in response.json()["detail"])
         for value in body.values():
             assert value not in response.text
-
-
-MAX_BODY = 64 * 1024
 
 
 @pytest.mark.parametrize(
@@ -1675,375 +2077,6 @@ def test_a_chunked_body_is_refused_once_it_crosses_64_kib(client, auth):
         413,
         {"detail": "Content Too Large"},
     )
-
-
-@pytest.mark.parametrize(
-    "text",
-    [
-        "Robert'); DROP TABLE task; --",
-        "' OR '1'='1",
-        "%s %d %(title)s {0} {title} ${HOME}",
-        "nul\x00inside",
-        "\x00",
-        "emoji 🚀 and ünïcödé",
-    ],
-)
-def test_hostile_text_is_stored_verbatim(client, auth, database, text):
-    task = add_task(client, auth, title=text, description=text)
-    assert (task["title"], task["description"]) == (text, text)
-    assert client.get(f"/tasks/{task['id']}", headers=auth).json() == task
-    stored = sqlite3.connect(database).execute("SELECT title, description FROM task")
-    assert stored.fetchall() == [(text, text)]
-
-
-@pytest.mark.parametrize(
-    ("form", "status", "detail"),
-    [
-        ({}, 422, "Field required"),
-        ({"username": "ada@example.com"}, 422, "Field required"),
-        ({"password": PASSWORD}, 422, "Field required"),
-        ({"username": "", "password": ""}, 401, "Incorrect email or password"),
-    ],
-)
-def test_form_logins_with_missing_fields_are_refused(client, form, status, detail):
-    register(client)
-    # Sent as a form even when empty: an empty body has no type, which is a 415.
-    response = client.post("/auth/token", content=urlencode(form), headers=FORM)
-    assert response.status_code == status
-    body = response.json()["detail"]
-    assert (body if status == 401 else body[0]["msg"]) == detail
-
-
-@pytest.mark.parametrize(
-    "form",
-    [
-        {"username": "a" * 60_000, "password": PASSWORD},
-        {"username": "ada@example.com", "password": "p" * 60_000},
-        {"username": "ada@example.com' OR '1'='1", "password": "' OR '1'='1"},
-    ],
-)
-def test_form_logins_with_huge_or_hostile_fields_are_401(client, form):
-    register(client)
-    response = client.post("/auth/token", data=form)
-    assert response.status_code == 401
-    assert response.json() == {"detail": "Incorrect email or password"}
-
-
-@pytest.mark.parametrize(
-    ("authorization", "detail"),
-    [
-        (b"", "Not authenticated"),
-        (b"Bearer", "Could not validate credentials"),  # an empty token
-        (b"Basic YWRhOmNvcnJlY3QgaG9yc2U=", "Not authenticated"),
-        (b"Token abc.def.ghi", "Not authenticated"),
-        (b"Bearer " + b"a" * 100_000, "Could not validate credentials"),
-        (b"Bearer \xc3\xbc\xff\xfe", "Could not validate credentials"),
-        (b"Bearer a.b.c", "Could not validate credentials"),
-        (b"Bearer ' OR 1=1 --", "Could not validate credentials"),
-    ],
-)
-def test_hostile_authorization_headers_are_401(client, authorization, detail):
-    register(client)
-    response = client.get("/tasks", headers={"Authorization": authorization})
-    assert response.status_code == 401
-    assert response.json() == {"detail": detail}
-    assert response.headers["www-authenticate"] == "Bearer"
-
-
-def signed(claims, key=SECRET):
-    """Sign any claims, even ones PyJWT would refuse to encode, with HS256."""
-    return jwt.api_jws.encode(json.dumps(claims).encode(), key, algorithm="HS256")
-
-
-@pytest.mark.parametrize(
-    "sub",
-    [5, "5.0", " 5", "0", "-1", str(HUGE), "1e3", "", None],
-    ids=[
-        "not a string",
-        "decimal",
-        "space",
-        "zero",
-        "negative",
-        "huge",
-        "exponent",
-        "empty",
-        "null",
-    ],
-)
-def test_a_sub_that_is_not_a_user_id_is_401(client, sub):
-    register(client)
-    claims = {"sub": sub, "ver": 0, "exp": int(time.time()) + 300}
-    response = client.get(
-        "/users/me", headers={"Authorization": f"Bearer {signed(claims)}"}
-    )
-    assert response.status_code == 401
-    assert response.json() == BAD_TOKEN
-
-
-def test_a_signed_token_for_a_real_id_works(client):
-    user_id = register(client)["id"]
-    claims = {"sub": str(user_id), "ver": 0, "exp": int(time.time()) + 300}
-    assert (
-        client.get(
-            "/users/me", headers={"Authorization": f"Bearer {signed(claims)}"}
-        ).status_code
-        == 200
-    )
-
-
-# --- Races -------------------------------------------------------------------
-
-
-def test_concurrent_registrations_of_one_email_give_one_201(client):
-    def attempt(_):
-        return client.post(
-            "/auth/register", json={"email": "race@example.com", "password": PASSWORD}
-        )
-
-    with ThreadPoolExecutor(20) as pool:
-        responses = list(pool.map(attempt, range(20)))
-    assert sorted(response.status_code for response in responses) == [201] + [409] * 19
-    assert {r.json()["detail"] for r in responses if r.status_code == 409} == {
-        "Email already registered"
-    }
-
-
-def test_concurrent_writers_all_succeed(client, auth, database):
-    def write(writer):
-        return [
-            client.post(
-                "/tasks", json={"title": f"{writer}-{n}"}, headers=auth
-            ).status_code
-            for n in range(20)
-        ]
-
-    with ThreadPoolExecutor(16) as pool:
-        statuses = [status for batch in pool.map(write, range(16)) for status in batch]
-    assert statuses == [201] * 320
-    assert sqlite3.connect(database).execute(
-        "SELECT count(*) FROM task"
-    ).fetchone() == (320,)
-
-
-def test_a_task_added_as_its_owner_is_deleted_is_401(
-    client, auth, database, monkeypatch
-):
-    user = client.get("/users/me", headers=auth).json()
-
-    def owner_deleted_meanwhile():
-        with sqlite3.connect(database) as other_request:
-            other_request.execute("DELETE FROM user")
-        return user
-
-    overrides = app.dependency_overrides
-    monkeypatch.setitem(overrides, todo_api.get_current_user, owner_deleted_meanwhile)
-    response = client.post("/tasks", json={"title": "t"}, headers=auth)
-    assert (response.status_code, response.json()) == (401, BAD_TOKEN)
-
-
-def test_adding_tasks_while_the_account_is_deleted_never_fails(client, auth):
-    def add(_):
-        return client.post("/tasks", json={"title": "t"}, headers=auth).status_code
-
-    with ThreadPoolExecutor(8) as pool:
-        adds = [pool.submit(add, n) for n in range(40)]
-        assert client.delete("/users/me", headers=auth).status_code == 204
-        statuses = {added.result() for added in adds}
-    assert statuses <= {201, 401}
-
-
-def test_database_connections_are_bounded_however_many_requests_arrive(client, auth):
-    def read(_):
-        return client.get("/tasks", headers=auth).status_code
-
-    with ThreadPoolExecutor(100) as pool:
-        statuses = list(pool.map(read, range(300)))
-    assert statuses == [200] * 300
-    assert 1 <= len(todo_api.idle_connections) <= todo_api.MAX_CONNECTIONS == 40
-
-
-# --- A real server: workers, restarts, kill -9, hashing off the event loop ----
-
-HERE = Path(__file__).parent
-
-
-def server_environment():
-    """This process's environment without any APP_* setting."""
-    return {
-        name: value for name, value in os.environ.items() if not name.startswith("APP_")
-    }
-
-
-@contextmanager
-def real_server(folder, *options, **environment):
-    """Serve the app with uvicorn on a free port; kill -9 it, workers and all, after.
-
-    What the server prints goes to server.log in the folder.
-    """
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    command = [sys.executable, "-m", "uvicorn", "todo_api:app", "--app-dir", str(HERE)]
-    command += ["--port", str(port), "--log-level", "warning", *options]
-    with open(Path(folder) / "server.log", "ab") as log:  # the server keeps a copy
-        server = subprocess.Popen(
-            command,
-            cwd=folder,
-            env=server_environment() | environment,
-            start_new_session=True,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            umask=0o022,  # the usual one, so that only the app can make a file private
-        )
-    base_url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            assert server.poll() is None, "the server exited"
-            try:
-                if httpx2.get(f"{base_url}/health").status_code == 200:
-                    break
-            except httpx2.HTTPError:
-                assert time.monotonic() < deadline, "the server did not start"
-                time.sleep(0.05)
-        yield base_url
-    finally:
-        os.killpg(server.pid, signal.SIGKILL)
-        server.wait()
-
-
-def log_in_to(base_url, email="ada@example.com", register_first=True):
-    if register_first:
-        response = httpx2.post(
-            f"{base_url}/auth/register", json={"email": email, "password": PASSWORD}
-        )
-        assert response.status_code == 201
-    response = httpx2.post(
-        f"{base_url}/auth/token", data={"username": email, "password": PASSWORD}
-    )
-    return {"Authorization": f"Bearer {response.json()['access_token']}"}
-
-
-def test_workers_share_one_database_and_one_generated_key(tmp_path):
-    with real_server(tmp_path, "--workers", "3", APP_BCRYPT_ROUNDS="4") as base_url:
-        headers = log_in_to(base_url)
-        # A new connection each time, so the kernel hands them to every worker in turn.
-        statuses = {
-            httpx2.get(f"{base_url}/users/me", headers=headers).status_code
-            for _ in range(30)
-        }
-        assert statuses == {200}
-
-        def write(writer):
-            with httpx2.Client(base_url=base_url, headers=headers) as worker_client:
-                return [
-                    worker_client.post(
-                        "/tasks", json={"title": f"{writer}"}
-                    ).status_code
-                    for _ in range(10)
-                ]
-
-        with ThreadPoolExecutor(6) as pool:
-            assert [s for batch in pool.map(write, range(6)) for s in batch] == [
-                201
-            ] * 60
-
-        # The login limit is counted in the shared file, whichever worker answers.
-        form = {"username": "nobody@example.com", "password": "a wrong password"}
-        statuses = [
-            httpx2.post(f"{base_url}/auth/token", data=form).status_code
-            for _ in range(13)
-        ]
-        assert statuses == [401] * 10 + [429] * 3
-    assert sqlite3.connect(tmp_path / "todo.db").execute(
-        "SELECT count(*) FROM task"
-    ).fetchone() == (60,)
-    assert sqlite3.connect(tmp_path / "todo.db").execute(
-        "SELECT count(*) FROM signing_key"
-    ).fetchone() == (1,)
-
-
-def test_every_task_and_token_survives_kill_9_and_a_restart(tmp_path):
-    with real_server(tmp_path, APP_BCRYPT_ROUNDS="4") as base_url:
-        headers = log_in_to(base_url)
-
-        def write(writer):
-            with httpx2.Client(base_url=base_url, headers=headers) as writer_client:
-                responses = [
-                    writer_client.post("/tasks", json={"title": f"{writer}-{n}"})
-                    for n in range(25)
-                ]
-            return [
-                response.json()["id"]
-                for response in responses
-                if response.status_code == 201
-            ]
-
-        with ThreadPoolExecutor(4) as pool:
-            acknowledged = [
-                task_id for batch in pool.map(write, range(4)) for task_id in batch
-            ]
-    # real_server has just killed it with SIGKILL, right after the last 201.
-    assert len(acknowledged) == 100
-    # The restarted server reads the same generated key, so the old token still works.
-    with real_server(tmp_path, APP_BCRYPT_ROUNDS="4") as base_url:
-        tasks = httpx2.get(f"{base_url}/tasks?limit=100", headers=headers).json()
-    assert sorted(task["id"] for task in tasks) == sorted(acknowledged)
-
-
-def raw_request(base_url, method, path, headers, body=b""):
-    """Open a connection and send a request on it, without waiting for the answer."""
-    connection = socket.create_connection(("127.0.0.1", int(base_url.split(":")[-1])))
-    lines = [f"{method} {path} HTTP/1.1", "Host: 127.0.0.1", *headers, "", ""]
-    connection.sendall("\r\n".join(lines).encode() + body)
-    return connection
-
-
-def read_answer(connection):
-    """Read one whole HTTP answer from a raw connection: its head and its body."""
-    connection.settimeout(10)
-    answer = b""
-    while b"\r\n\r\n" not in answer:
-        received = connection.recv(65536)
-        assert received, f"the connection closed after {answer!r}"
-        answer += received
-    head, _, body = answer.partition(b"\r\n\r\n")
-    length = int(re.search(rb"content-length: (\d+)", head, re.IGNORECASE)[1])
-    while len(body) < length:
-        received = connection.recv(65536)
-        assert received, f"the connection closed after {answer!r}"
-        body += received
-    return head, body
-
-
-def test_health_and_tasks_answer_promptly_while_200_logins_hash(tmp_path):
-    with real_server(tmp_path) as base_url:  # bcrypt at its default cost, 12
-        headers = log_in_to(base_url)
-        with ExitStack() as open_connections:
-            logins = []
-            for n in range(200):  # unknown emails: each one is checked, none limited
-                body = f"username=nobody{n}%40example.com&password=guess".encode()
-                form = [FORM_HEADER, f"Content-Length: {len(body)}"]
-                login = raw_request(base_url, "POST", "/auth/token", form, body)
-                logins.append(open_connections.enter_context(login))
-            time.sleep(0.5)  # let them all arrive and queue for bcrypt
-            latencies = []
-            with httpx2.Client(base_url=base_url, headers=headers) as other_client:
-                for _ in range(5):
-                    for path in ("/health", "/tasks"):
-                        started = time.perf_counter()
-                        assert other_client.get(path).status_code == 200
-                        latencies.append(time.perf_counter() - started)
-            # They were in flight: at cost 12, few of the 200 can be answered by now.
-            unanswered = 0
-            for login in logins:
-                login.setblocking(False)
-                try:
-                    login.recv(1)
-                except BlockingIOError:
-                    unanswered += 1
-            assert unanswered > 150, f"only {unanswered} logins were still waiting"
-    assert max(latencies) < 1.0, f"latencies while logins hash: {latencies}"
 
 
 def test_a_declared_huge_body_is_refused_before_it_is_sent(tmp_path):
@@ -2099,23 +2132,3 @@ def test_no_key_and_no_password_reaches_a_log_line_or_an_answer(tmp_path):
     assert "POST /auth/register" in seen  # the debug log was written
     for secret in (SECRET, PASSWORD, PASSWORD[:14], PASSWORD + "!", "tiny"):
         assert secret not in seen
-
-
-def test_wrong_password_and_unknown_email_take_about_as_long(tmp_path):
-    with real_server(tmp_path, APP_BCRYPT_ROUNDS="10") as base_url:
-        log_in_to(base_url)
-        timings = {"wrong password": [], "unknown email": []}
-        with httpx2.Client(base_url=base_url) as timing_client:
-            for _ in range(9):
-                for case, email, password in [
-                    ("wrong password", "ada@example.com", "not the password"),
-                    ("unknown email", "nobody@example.com", PASSWORD),
-                ]:
-                    started = time.perf_counter()
-                    response = timing_client.post(
-                        "/auth/token", data={"username": email, "password": password}
-                    )
-                    timings[case].append(time.perf_counter() - started)
-                    assert response.status_code == 401
-    wrong, unknown = (statistics.median(timings[case]) for case in timings)
-    assert max(wrong, unknown) / min(wrong, unknown) < 1.5, f"login timings: {timings}"
