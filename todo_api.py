@@ -100,8 +100,9 @@ settings = Settings()
 
 
 # --- Database ----------------------------------------------------------------
-SCHEMA_PATH = pathlib.Path(__file__).with_name("schema.sql")
-SCHEMA_VERSION = 2  # the user_version that schema.sql sets
+SCHEMA = pathlib.Path(__file__).with_name("schema.sql").read_text()
+# The version schema.sql gives a database, read from the file so the two agree.
+SCHEMA_VERSION = int(re.search(r"PRAGMA user_version = ([0-9]+)", SCHEMA)[1])
 MAX_CONNECTIONS = 40  # AnyIO runs sync routes on 40 threads: more could not be used
 MAX_ID = 2**63 - 1  # SQLite's largest integer: a larger id is a 422, never a 500
 
@@ -752,7 +753,7 @@ def apply_schema(db: sqlite3.Connection) -> None:
             f"(schema version {version}, this one needs {SCHEMA_VERSION}). Move it "
             "away, or delete it, and start again: a new database will be created."
         )
-    db.executescript(SCHEMA_PATH.read_text())
+    db.executescript(SCHEMA)
 
 
 def stored_signing_key(db: sqlite3.Connection) -> str:
