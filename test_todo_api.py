@@ -1285,15 +1285,15 @@ def test_bad_login_is_one_401(client, username, password):
 @pytest.mark.parametrize(
     ("request_arguments", "problem"),
     [
-        ({"data": {"username": "ada@example.com"}}, ("missing", ["password"])),
-        ({"data": {"password": PASSWORD}}, ("missing", ["username"])),
-        ({"json": {"password": PASSWORD}}, ("missing", ["username"])),
+        ({"data": {"username": "a@x.io"}}, ("missing", ["body", "password"])),
+        ({"data": {"password": PASSWORD}}, ("missing", ["body", "username"])),
+        ({"json": {"password": PASSWORD}}, ("missing", ["body", "username"])),
         (
             {"json": {"email": "a@x.io", "password": 12345678}},
-            ("string_type", ["password"]),
+            ("string_type", ["body", "password"]),
         ),
-        ({"content": b"{not json", "headers": JSON}, ("json_invalid", [])),
-        ({"json": ["ada@example.com", PASSWORD]}, ("model_type", [])),
+        ({"content": b"{not json", "headers": JSON}, ("json_invalid", ["body"])),
+        ({"json": ["ada@example.com", PASSWORD]}, ("model_type", ["body"])),
     ],
 )
 def test_login_refuses_malformed_requests(client, request_arguments, problem):
@@ -1301,6 +1301,8 @@ def test_login_refuses_malformed_requests(client, request_arguments, problem):
     assert response.status_code == 422
     first = response.json()["detail"][0]
     assert (first["type"], first["loc"]) == problem
+    # The same shape as every other route's 422, FastAPI's own.
+    assert set(first) <= {"type", "loc", "msg", "ctx"}
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,8 @@
 """A task manager's API in one module; serve it with `uvicorn todo_api:app`.
 
 It reads in the order its data travels: settings, the database, passwords and
-tokens, the login rate limit, the current user, the models, the routes, the app.
+tokens, the login rate limit, the current user, the models, the routes (each with
+the work it hands to a thread right below it), what the routes share, and the app.
 """
 
 import base64
@@ -54,7 +55,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-# uvicorn's logger for its own messages (errors or not), so ours show beside them.
+# uvicorn's general logger is named "uvicorn.error": ours show beside its messages.
 logger = logging.getLogger("uvicorn.error")
 
 
@@ -68,12 +69,13 @@ class Settings(BaseSettings):
     )
 
     database_path: str = "todo.db"
-    secret_key: SecretStr = SecretStr("")  # empty: one is made, kept in the database
+    secret_key: SecretStr = SecretStr("")  # empty: lifespan makes one, kept in the db
     access_token_expire_minutes: int = Field(30, ge=1)
     bcrypt_rounds: int = Field(12, ge=4, le=31)
     login_attempts: int = Field(10, ge=1)
     login_window_seconds: int = Field(900, ge=1)
-    # NoDecode: the text reaches split_origins as it is, not parsed as JSON first.
+    # pydantic-settings reads a list only as JSON; NoDecode hands the text as it is
+    # to split_origins, which also reads "a,b".
     cors_origins: Annotated[list[str], NoDecode] = []
 
     @field_validator("secret_key")
@@ -103,14 +105,16 @@ settings = Settings()
 SCHEMA = pathlib.Path(__file__).with_name("schema.sql").read_text()
 # The version schema.sql gives a database, read from the file so the two agree.
 SCHEMA_VERSION = int(re.search(r"PRAGMA user_version = ([0-9]+)", SCHEMA)[1])
-MAX_CONNECTIONS = 40  # AnyIO runs sync routes on 40 threads: more could not be used
-MAX_ID = 2**63 - 1  # SQLite's largest integer: a larger id is a 422, never a 500
+MAX_CONNECTIONS = 40  # the threads AnyIO runs sync routes on: more could not be used
+MAX_ID = 2**63 - 1  # SQLite's largest integer: sqlite3 fails on a larger one
 
-# The columns a user shows, and the ones a password check needs besides.
+# The columns a user shows, and the ones a password check needs. Like every column
+# list here, they are constants written into the SQL; values only go through `?`.
 USER_COLUMNS = "id, email, created_at"
 LOGIN_COLUMNS = "id, email, password_hash, token_version"
 
-# Dates are stored as ISO text by our own adapter: sqlite3's defaults are deprecated.
+# Dates are stored as ISO text by our own adapter (sqlite3's own are deprecated), and
+# come back as text, which the pydantic models read.
 sqlite3.register_adapter(date, date.isoformat)
 
 
@@ -131,13 +135,17 @@ def connect() -> sqlite3.Connection:
     connection.row_factory = row_as_dict
     connection.execute("PRAGMA foreign_keys = ON")  # off by default; cascades deletes
     connection.execute("PRAGMA journal_mode = WAL")  # readers never wait for writers
-    connection.execute("PRAGMA synchronous = NORMAL")  # see the README's durability
+    connection.execute("PRAGMA synchronous = NORMAL")  # README: Limits, durability
     return connection
 
 
-# The pool: open connections wait in a list between requests, and the semaphore
-# bounds how many exist, however many requests arrive. Only the event loop touches
-# the list. fast_acquire: a free slot is taken without a pass through the loop.
+# How the threads and connections fit together. Sync routes run on AnyIO's 40
+# threads, each with one connection of this pool: open connections wait in a list
+# between requests, and the semaphore bounds how many exist, however many requests
+# arrive. get_db is async, so it runs on the event loop, one step at a time: the
+# list needs no lock. (fast_acquire: a free slot is taken without a pass through
+# the loop.) The bcrypt routes are async and take no connection from here: their
+# work runs in a bcrypt thread, at most one per core, which opens its own.
 idle_connections: list[sqlite3.Connection] = []
 connection_slots = Semaphore(MAX_CONNECTIONS, fast_acquire=True)
 
@@ -155,7 +163,8 @@ async def get_db() -> AsyncIterator[sqlite3.Connection]:
             idle_connections.append(connection)
 
 
-# Every write commits before the route returns, never in this dependency's cleanup.
+# Every write commits as it runs, before the route returns: FastAPI may run this
+# dependency's cleanup after the answer is sent, too late for a commit.
 DB = Annotated[sqlite3.Connection, Depends(get_db)]
 
 
@@ -167,8 +176,8 @@ if hasattr(os, "sched_getaffinity"):
     CPU_CORES = len(os.sched_getaffinity(0))  # the cores this process may use
 else:
     CPU_CORES = os.cpu_count() or 1
-# bcrypt runs at most once per core. The work waiting for a core holds no thread and
-# no connection: it opens its own once it runs, so this also bounds those connections.
+# bcrypt runs at most once per core. Work waiting for a core holds no thread and no
+# connection, and each that runs opens one: at most 40 + CPU_CORES connections in all.
 password_slots = CapacityLimiter(CPU_CORES)
 
 
@@ -178,12 +187,12 @@ def normalize_email(address: str) -> str:
 
 
 def prehash(password: str) -> bytes:
-    """Reduce any password to 44 bytes, as bcrypt reads at most 72: nothing is cut."""
+    """Reduce any password to 44 bytes: bcrypt 5 refuses over 72, and nothing is cut."""
     # NFKC: the same password typed on another keyboard is the same password.
     text = unicodedata.normalize("NFKC", password)
     # surrogatepass: even a lone surrogate, which UTF-8 cannot encode, is hashed.
     digest = hmac.digest(PREHASH_KEY, text.encode(errors="surrogatepass"), "sha256")
-    return base64.b64encode(digest)
+    return base64.b64encode(digest)  # printable: some bcrypts stop at a NUL byte
 
 
 def hash_password(password: str) -> bytes:
@@ -203,7 +212,7 @@ def dummy_hash(rounds: int) -> bytes:
 
 
 async def in_password_thread(work: Callable[..., Any], *args: Any) -> Any:
-    """Run bcrypt work in a thread once a core is free, so logins cannot starve."""
+    """Run bcrypt work in a thread once a core is free: logins never take them all."""
     return await to_thread.run_sync(work, *args, limiter=password_slots)
 
 
@@ -226,14 +235,15 @@ def count_login_attempt(db: sqlite3.Connection, email: str) -> None:
     # Stale counts go as new ones are written, so random emails cannot fill the table.
     db.execute("DELETE FROM login_attempt WHERE window_start <= ?", (now - window,))
     # One statement counts and reads: concurrent attempts each see their own number.
-    count = """
+    # The window starts at an email's first counted attempt; later ones do not move it.
+    count_attempt = """
         INSERT INTO login_attempt (email, window_start)
         VALUES (?, ?)
         ON CONFLICT (email) DO UPDATE SET attempts = attempts + 1
         RETURNING attempts, window_start
     """
-    attempt = db.execute(count, (email, now)).fetchone()
-    if attempt["attempts"] > settings.login_attempts:
+    attempt = db.execute(count_attempt, (email, now)).fetchone()
+    if attempt["attempts"] > settings.login_attempts:  # the attempts allowed
         seconds_left = math.ceil(attempt["window_start"] + window - now)
         retry_after = {"Retry-After": str(max(1, seconds_left))}
         raise HTTPException(429, TOO_MANY_LOGINS, headers=retry_after)
@@ -245,6 +255,8 @@ def clear_login_attempts(db: sqlite3.Connection, email: str) -> None:
 
 
 # --- The current user --------------------------------------------------------
+# Reads the token from `Authorization: Bearer ...` (401 if there is none), and tells
+# /docs where its Authorize button logs in.
 oauth2_scheme = OAuth2PasswordBearer(tokenUrl="/auth/token")
 BearerToken = Annotated[str, Depends(oauth2_scheme)]
 BEARER = {"WWW-Authenticate": "Bearer"}
@@ -259,8 +271,8 @@ def read_token(token: str, key: str) -> tuple[int, int]:
     """Return the user id and token version a valid token names, or answer 401."""
     try:
         # Naming the algorithm refuses "alg: none" and tokens signed any other way.
-        required = {"require": ["exp", "sub", "ver"]}
-        claims = jwt.decode(token, key, algorithms=["HS256"], options=required)
+        options = {"require": ["exp", "sub", "ver"]}
+        claims = jwt.decode(token, key, algorithms=["HS256"], options=options)
         user_id, version = int(claims["sub"]), int(claims["ver"])
     except (jwt.InvalidTokenError, ValueError, TypeError):
         raise invalid_token() from None
@@ -301,8 +313,8 @@ def iso_date_text(value: Any) -> Any:
     raise ValueError("Input should be a date as a YYYY-MM-DD string")
 
 
-# The schema says what email-validator checks: the `email` format, and that the
-# special-use domains (.test, .localhost, ...) are refused.
+# For the schema only, as normalize_email does the checking: the `email` format, and
+# the special-use domains (.test, .localhost, ...) that email-validator refuses.
 SPECIAL_USE = rf"\.({'|'.join(SPECIAL_USE_DOMAIN_NAMES)})$"
 EMAIL_SCHEMA = {"format": "email", "not": {"pattern": SPECIAL_USE}}
 Email = Annotated[
@@ -313,8 +325,9 @@ Email = Annotated[
 Password = Annotated[
     str, Field(min_length=15, max_length=128, description="Any characters at all")
 ]
-# At most 200 characters as sent; not blank, so at least 1 once trimmed. The
-# pattern tells clients so; min_length catches what only Python counts as space.
+# At most 200 characters as sent, and not blank: at least 1 once trimmed. The
+# pattern says so to clients; min_length catches what only Python counts as space,
+# such as "\x1f", which the pattern lets through and strip() removes.
 Title = Annotated[
     str,
     Field(max_length=200, pattern=r"\S", description="Not only spaces; trimmed"),
@@ -382,7 +395,7 @@ class Task(BaseModel):
     created_at: datetime
 
 
-# The queries read exactly what a task shows: a new field needs no edit here.
+# The task queries read exactly the fields Task shows, so this list never changes.
 TASK_COLUMNS = ", ".join(Task.model_fields)
 TaskList = TypeAdapter(list[Task])
 
@@ -396,13 +409,13 @@ MAX_BODY_SIZE = 64 * 1024  # bytes: tasks and logins are small, and memory stays
 JSON = "application/json"
 FORM = "application/x-www-form-urlencoded"
 
-# What a route may answer besides success is declared with it, for /docs and for
-# generated clients: a description, a body with `detail`, and the headers that matter.
+# Documentation only: what a route may answer besides success is declared beside it,
+# for /docs and generated clients. The route itself raises the HTTPException.
 STRING = {"schema": {"type": "string"}}
 
 
 def error_answer(description: str, *headers: str) -> dict:
-    """Describe an error answer for the OpenAPI document."""
+    """Describe an error answer: its meaning, a `detail` body, and its headers."""
     return {
         "model": Message,
         "description": description,
@@ -431,13 +444,13 @@ async def refuse_large_body(request: Request) -> None:
         raise HTTPException(413, "Content Too Large")
 
 
-READS_NO_BODY = [Depends(refuse_large_body)]
+READS_NO_BODY = [Depends(refuse_large_body)]  # the dependencies of such a route
 
 
 @health_routes.get("/health")
 def health(db: DB) -> dict[str, str]:
     """Answer ok once the database has answered a real query."""
-    db.execute("SELECT count(*) FROM user").fetchone()
+    db.execute("SELECT id FROM user LIMIT 1").fetchone()
     return {"status": "ok"}
 
 
@@ -453,6 +466,21 @@ async def register(new_user: UserCreate, response: Response) -> User:
     return user
 
 
+def create_account(email: str, password: str) -> dict:
+    """Store a new account, or answer 409 if the email is taken, even in a race."""
+    password_hash = hash_password(password)
+    insert = f"""
+        INSERT INTO user (email, password_hash)
+        VALUES (?, ?)
+        RETURNING {USER_COLUMNS}
+    """
+    with closing(connect()) as db:
+        try:
+            return db.execute(insert, (email, password_hash)).fetchone()
+        except sqlite3.IntegrityError:  # the UNIQUE email
+            raise HTTPException(409, "Email already registered") from None
+
+
 async def read_credentials(request: Request) -> Credentials:
     """Read a login from the OAuth2 form or, for HTTPie and scripts, from JSON."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip()
@@ -462,14 +490,17 @@ async def read_credentials(request: Request) -> Credentials:
         if content_type.lower() == FORM:
             return Credentials.model_validate(dict(await request.form()))
     except ValidationError as invalid:
-        raise RequestValidationError(invalid.errors()) from None
+        # Located in the body, as FastAPI locates the problems of the other routes.
+        problems = invalid.errors(include_url=False)
+        body_problems = [{**each, "loc": ("body", *each["loc"])} for each in problems]
+        raise RequestValidationError(body_problems) from None
     # Multipart would be spooled to disk, and a login has no file to send.
     raise HTTPException(415, f"Send the login as JSON or as {FORM}")
 
 
 Login = Annotated[Credentials, Depends(read_credentials)]
-# The login reads its own body, so FastAPI cannot document it, nor its 415 and 422;
-# and FastAPI documents one body type per route, where this one reads two.
+# The login reads its own body, to take a form or JSON, so FastAPI cannot document
+# the body or its 415 and 422. (Its OAuth2PasswordRequestForm would take a form only.)
 INCORRECT_LOGIN = "Incorrect email or password"
 VALIDATION_ERROR = {"schema": {"$ref": "#/components/schemas/HTTPValidationError"}}
 LOGIN_ERRORS = {
@@ -492,6 +523,28 @@ async def login(credentials: Login, request: Request, response: Response) -> Tok
     user = await in_password_thread(check_login, email, credentials.password)
     key, version = request.app.state.signing_key, user["token_version"]
     return token_answer(response, key, user["id"], version)
+
+
+def check_login(email: str, password: str) -> dict:
+    """Count the attempt (429 once spent), then return the account if it is right."""
+    # The token version is read in the same SELECT as the hash: if a logout happens
+    # while bcrypt checks, the token made with this version is already revoked.
+    query = f"""
+        SELECT {LOGIN_COLUMNS}
+        FROM user
+        WHERE email = ?
+    """
+    with closing(connect()) as db:
+        count_login_attempt(db, email)
+        user = db.execute(query, (email,)).fetchone()
+        if user:
+            stored_hash = user["password_hash"]
+        else:  # checked all the same, so an unknown email takes as long as a known one
+            stored_hash = dummy_hash(settings.bcrypt_rounds)
+        if not verify_password(password, stored_hash) or user is None:
+            raise HTTPException(401, INCORRECT_LOGIN, headers=BEARER)
+        clear_login_attempts(db, email)
+        return user
 
 
 @auth_routes.post(
@@ -527,6 +580,29 @@ async def change_password(
     current, new = change.current_password, change.new_password
     version = await in_password_thread(store_password, user_id, version, current, new)
     return token_answer(response, key, user_id, version)
+
+
+def store_password(user_id: int, version: int, current: str, new: str) -> int:
+    """Check the current password, then store the new one and revoke older tokens."""
+    # Only if the version is still the token's (a logout meanwhile makes this a 401):
+    # a write that checks nothing changed since it read.
+    update = """
+        UPDATE user
+        SET password_hash = ?, token_version = token_version + 1
+        WHERE id = ? AND token_version = ?
+        RETURNING token_version
+    """
+    with closing(connect()) as db:
+        user = find_token_user(db, user_id, version, LOGIN_COLUMNS)
+        count_login_attempt(db, user["email"])
+        if not verify_password(current, user["password_hash"]):
+            raise HTTPException(403, "Incorrect password")
+        values = (hash_password(new), user_id, version)
+        changed = db.execute(update, values).fetchone()
+        if changed is None:
+            raise invalid_token()
+        clear_login_attempts(db, user["email"])
+        return changed["token_version"]
 
 
 @user_routes.delete("", status_code=204, dependencies=READS_NO_BODY)
@@ -576,7 +652,7 @@ def add_task(task: TaskCreate, user: CurrentUser, db: DB, response: Response) ->
     values = task.model_dump() | {"owner_id": user["id"]}
     try:
         created = db.execute(insert, values).fetchone()
-    except sqlite3.IntegrityError:  # the owner was deleted a moment ago
+    except sqlite3.IntegrityError:  # the foreign key: the owner was just deleted
         raise invalid_token() from None
     response.headers["Location"] = f"/tasks/{created['id']}"
     return created
@@ -615,66 +691,6 @@ def delete_task(task_id: TaskId, user: CurrentUser, db: DB) -> None:
 
 
 # --- What the routes share ---------------------------------------------------
-# First the bcrypt work of the account routes, run by in_password_thread: each opens
-# its own connection, so none is held while it waits for a core.
-def create_account(email: str, password: str) -> dict:
-    """Store a new account, or answer 409 if the email is taken, even in a race."""
-    password_hash = hash_password(password)
-    insert = f"""
-        INSERT INTO user (email, password_hash)
-        VALUES (?, ?)
-        RETURNING {USER_COLUMNS}
-    """
-    with closing(connect()) as db:
-        try:
-            return db.execute(insert, (email, password_hash)).fetchone()
-        except sqlite3.IntegrityError:  # the UNIQUE email
-            raise HTTPException(409, "Email already registered") from None
-
-
-def check_login(email: str, password: str) -> dict:
-    """Count the attempt (429 once spent), then return the account if it is right."""
-    # The version is read with the hash: a logout during the check revokes the token.
-    query = f"""
-        SELECT {LOGIN_COLUMNS}
-        FROM user
-        WHERE email = ?
-    """
-    with closing(connect()) as db:
-        count_login_attempt(db, email)
-        user = db.execute(query, (email,)).fetchone()
-        if user:
-            stored_hash = user["password_hash"]
-        else:  # checked all the same, so an unknown email takes as long as a known one
-            stored_hash = dummy_hash(settings.bcrypt_rounds)
-        if not verify_password(password, stored_hash) or user is None:
-            raise HTTPException(401, INCORRECT_LOGIN, headers=BEARER)
-        clear_login_attempts(db, email)
-        return user
-
-
-def store_password(user_id: int, version: int, current: str, new: str) -> int:
-    """Check the current password, then store the new one and revoke older tokens."""
-    # Only if the version is still the token's: a logout meanwhile makes this a 401.
-    update = """
-        UPDATE user
-        SET password_hash = ?, token_version = token_version + 1
-        WHERE id = ? AND token_version = ?
-        RETURNING token_version
-    """
-    with closing(connect()) as db:
-        user = find_token_user(db, user_id, version, LOGIN_COLUMNS)
-        count_login_attempt(db, user["email"])
-        if not verify_password(current, user["password_hash"]):
-            raise HTTPException(403, "Incorrect password")
-        values = (hash_password(new), user_id, version)
-        changed = db.execute(update, values).fetchone()
-        if changed is None:
-            raise invalid_token()
-        clear_login_attempts(db, user["email"])
-        return changed["token_version"]
-
-
 def token_answer(response: Response, key: str, user_id: int, version: int) -> Token:
     """Sign a token for the login and password routes; no cache may keep it."""
     response.headers["Cache-Control"] = "no-store"
@@ -709,8 +725,10 @@ def update_task(
         WHERE id = :id
         RETURNING {TASK_COLUMNS}
     """
-    with db:  # commits at the end of the block, or rolls back on an error
-        # Lock for writing first: no other write slips between our read and write.
+    # BEGIN IMMEDIATE opens a transaction holding the write lock, so no other write
+    # slips between our read (which checks the owner) and our write; `with db:`
+    # commits it at the end of the block, or rolls it back on an error.
+    with db:
         db.execute("BEGIN IMMEDIATE")
         task = find_task(db, task_id, owner_id) | changes
         return db.execute(update, task).fetchone()
@@ -723,7 +741,8 @@ async def invalid_request(request: Request, error: RequestValidationError) -> Re
         {name: value for name, value in problem.items() if name != "input"}
         for problem in error.errors()
     ]
-    # json.dumps writes ASCII, which even a lone surrogate in a message survives.
+    # json.dumps escapes what is not ASCII, so even a lone surrogate in a message is
+    # sent (JSONResponse would fail on it); default=str writes the exceptions in ctx.
     body = json.dumps({"detail": problems}, default=str)
     return Response(body, 422, media_type=JSON)
 
@@ -782,10 +801,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         idle_connections.pop().close()
 
 
-# Any route may answer these, so the app declares them once.
+# Any route may answer these, FastAPI the first two itself: the app declares them once.
 APP_ERRORS = {
     400: error_answer("The body is not valid UTF-8"),
-    413: error_answer("The body is over 64 KiB") | {"content": {"text/plain": STRING}},
+    413: error_answer("The body is too large") | {"content": {"text/plain": STRING}},
     503: error_answer("The database cannot answer"),
 }
 app = FastAPI(
