@@ -20,6 +20,7 @@ CREATE TABLE IF NOT EXISTS task (
   title TEXT NOT NULL,
   description TEXT,
   done INTEGER NOT NULL DEFAULT 0 CHECK (done IN (0, 1)),
+  -- date() gives back only a real YYYY-MM-DD date as it was; IS lets NULL through.
   due_date TEXT CHECK (due_date IS date(due_date)),
   created_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
 );

@@ -411,7 +411,7 @@ FORM = "application/x-www-form-urlencoded"
 
 # Documentation only: what a route may answer besides success is declared beside it,
 # for /docs and generated clients. The route itself raises the HTTPException.
-STRING = {"schema": {"type": "string"}}
+STRING_SCHEMA = {"schema": {"type": "string"}}
 
 
 def error_answer(description: str, *headers: str) -> dict:
@@ -419,13 +419,13 @@ def error_answer(description: str, *headers: str) -> dict:
     return {
         "model": Message,
         "description": description,
-        "headers": dict.fromkeys(headers, STRING),
+        "headers": dict.fromkeys(headers, STRING_SCHEMA),
     }
 
 
-CREATED = {201: {"headers": {"Location": STRING}}}
+CREATED = {201: {"headers": {"Location": STRING_SCHEMA}}}
 UNAUTHORIZED = {
-    401: error_answer("Missing, invalid, expired or revoked token", *BEARER)
+    401: error_answer("Missing, invalid, expired or revoked token", "WWW-Authenticate")
 }
 TOO_MANY = {429: error_answer(TOO_MANY_LOGINS, "Retry-After")}
 
@@ -460,8 +460,7 @@ REGISTER_ERRORS = {409: error_answer("Email already registered")}
 @auth_routes.post("/register", status_code=201, responses=CREATED | REGISTER_ERRORS)
 async def register(new_user: UserCreate, response: Response) -> User:
     """Create an account; the email must be free, however it is spelled."""
-    email, password = new_user.email, new_user.password
-    user = await in_password_thread(create_account, email, password)
+    user = await in_password_thread(create_account, new_user.email, new_user.password)
     response.headers["Location"] = "/users/me"
     return user
 
@@ -504,7 +503,7 @@ Login = Annotated[Credentials, Depends(read_credentials)]
 INCORRECT_LOGIN = "Incorrect email or password"
 VALIDATION_ERROR = {"schema": {"$ref": "#/components/schemas/HTTPValidationError"}}
 LOGIN_ERRORS = {
-    401: error_answer(INCORRECT_LOGIN, *BEARER),
+    401: error_answer(INCORRECT_LOGIN, "WWW-Authenticate"),
     415: error_answer("The body is neither JSON nor a form"),
     422: {"description": "Validation Error", "content": {JSON: VALIDATION_ERROR}},
 }
@@ -521,8 +520,8 @@ async def login(credentials: Login, request: Request, response: Response) -> Tok
     except EmailNotValidError:  # no account can have it: nothing to check or count
         raise HTTPException(401, INCORRECT_LOGIN, headers=BEARER) from None
     user = await in_password_thread(check_login, email, credentials.password)
-    key, version = request.app.state.signing_key, user["token_version"]
-    return token_answer(response, key, user["id"], version)
+    key = request.app.state.signing_key
+    return token_answer(response, key, user["id"], user["token_version"])
 
 
 def check_login(email: str, password: str) -> dict:
@@ -577,12 +576,11 @@ async def change_password(
     # No CurrentUser: its connection would be held while this waits for bcrypt.
     key = request.app.state.signing_key
     user_id, version = read_token(token, key)
-    current, new = change.current_password, change.new_password
-    version = await in_password_thread(store_password, user_id, version, current, new)
+    version = await in_password_thread(store_password, user_id, version, change)
     return token_answer(response, key, user_id, version)
 
 
-def store_password(user_id: int, version: int, current: str, new: str) -> int:
+def store_password(user_id: int, version: int, change: PasswordChange) -> int:
     """Check the current password, then store the new one and revoke older tokens."""
     # Only if the version is still the token's (a logout meanwhile makes this a 401):
     # a write that checks nothing changed since it read.
@@ -595,9 +593,9 @@ def store_password(user_id: int, version: int, current: str, new: str) -> int:
     with closing(connect()) as db:
         user = find_token_user(db, user_id, version, LOGIN_COLUMNS)
         count_login_attempt(db, user["email"])
-        if not verify_password(current, user["password_hash"]):
+        if not verify_password(change.current_password, user["password_hash"]):
             raise HTTPException(403, "Incorrect password")
-        values = (hash_password(new), user_id, version)
+        values = (hash_password(change.new_password), user_id, version)
         changed = db.execute(update, values).fetchone()
         if changed is None:
             raise invalid_token()
@@ -802,9 +800,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 
 # Any route may answer these, FastAPI the first two itself: the app declares them once.
+PLAIN_TEXT = {"content": {"text/plain": STRING_SCHEMA}}  # FastAPI's 413 is plain text
 APP_ERRORS = {
     400: error_answer("The body is not valid UTF-8"),
-    413: error_answer("The body is too large") | {"content": {"text/plain": STRING}},
+    413: error_answer("The body is too large") | PLAIN_TEXT,
     503: error_answer("The database cannot answer"),
 }
 app = FastAPI(
