@@ -69,7 +69,7 @@ class Settings(BaseSettings):
     )
 
     database_path: str = "todo.db"
-    secret_key: SecretStr = SecretStr("")  # empty: lifespan makes one, kept in the db
+    secret_key: SecretStr = SecretStr("")  # empty: one is made, see stored_signing_key
     access_token_expire_minutes: int = Field(30, ge=1)
     bcrypt_rounds: int = Field(12, ge=4, le=31)
     login_attempts: int = Field(10, ge=1)
@@ -212,7 +212,7 @@ def dummy_hash(rounds: int) -> bytes:
 
 
 async def in_password_thread(work: Callable[..., Any], *args: Any) -> Any:
-    """Run bcrypt work in a thread once a core is free: logins never take them all."""
+    """Run bcrypt work in a thread of its own once one of the cores is free."""
     return await to_thread.run_sync(work, *args, limiter=password_slots)
 
 
@@ -395,7 +395,7 @@ class Task(BaseModel):
     created_at: datetime
 
 
-# The task queries read exactly the fields Task shows, so this list never changes.
+# The task queries read exactly the fields Task shows: a new field joins by itself.
 TASK_COLUMNS = ", ".join(Task.model_fields)
 TaskList = TypeAdapter(list[Task])
 
