@@ -61,7 +61,7 @@ logger = logging.getLogger("uvicorn.error")
 
 # --- Settings ----------------------------------------------------------------
 class Settings(BaseSettings):
-    """Every setting, from APP_* variables or a .env file; bad values stop startup."""
+    """Every setting, from APP_* variables or a .env file in the working folder."""
 
     # hide_input_in_errors: a mistyped secret key is never printed back in the error.
     model_config = SettingsConfigDict(
@@ -70,7 +70,7 @@ class Settings(BaseSettings):
 
     database_path: str = "todo.db"
     secret_key: SecretStr = SecretStr("")  # empty: one is made, see stored_signing_key
-    access_token_expire_minutes: int = Field(30, ge=1)
+    access_token_expire_minutes: int = Field(30, ge=1, le=525_600)  # a year at most
     bcrypt_rounds: int = Field(12, ge=4, le=31)
     login_attempts: int = Field(10, ge=1)
     login_window_seconds: int = Field(900, ge=1)
@@ -135,17 +135,18 @@ def connect() -> sqlite3.Connection:
     connection.row_factory = row_as_dict
     connection.execute("PRAGMA foreign_keys = ON")  # off by default; cascades deletes
     connection.execute("PRAGMA journal_mode = WAL")  # readers never wait for writers
-    connection.execute("PRAGMA synchronous = NORMAL")  # README: Limits, durability
+    connection.execute("PRAGMA synchronous = NORMAL")  # see the README's Limits
     return connection
 
 
-# How the threads and connections fit together. Sync routes run on AnyIO's 40
-# threads, each with one connection of this pool: open connections wait in a list
-# between requests, and the semaphore bounds how many exist, however many requests
-# arrive. get_db is async, so it runs on the event loop, one step at a time: the
-# list needs no lock. (fast_acquire: a free slot is taken without a pass through
-# the loop.) The bcrypt routes are async and take no connection from here: their
-# work runs in a bcrypt thread, at most one per core, which opens its own.
+# How requests, threads and connections fit together:
+# - A sync route runs on one of AnyIO's 40 threads, and get_db lends it one open
+#   connection for the request; afterwards the connection waits in idle_connections.
+# - connection_slots bounds how many connections exist, however many requests come.
+# - get_db is async: it runs on the event loop, one step at a time, so the list
+#   needs no lock. (fast_acquire: a free slot is taken without a pass of the loop.)
+# - The three bcrypt routes are async and borrow nothing here: their work runs in a
+#   bcrypt thread, at most one per core, which opens a connection of its own.
 idle_connections: list[sqlite3.Connection] = []
 connection_slots = Semaphore(MAX_CONNECTIONS, fast_acquire=True)
 
@@ -169,8 +170,8 @@ DB = Annotated[sqlite3.Connection, Depends(get_db)]
 
 
 # --- Passwords and tokens ----------------------------------------------------
-# Not a secret: it only makes our prehash differ from a plain SHA-256, so hashes
-# leaked by other sites cannot be tested against ours.
+# Not a secret: it only makes our prehash differ from a plain SHA-256, so unsalted
+# hashes leaked by other sites cannot be tested against ours ("hash shucking").
 PREHASH_KEY = b"todo-api password v1"
 if hasattr(os, "sched_getaffinity"):
     CPU_CORES = len(os.sched_getaffinity(0))  # the cores this process may use
@@ -190,9 +191,11 @@ def prehash(password: str) -> bytes:
     """Reduce any password to 44 bytes: bcrypt 5 refuses over 72, and nothing is cut."""
     # NFKC: the same password typed on another keyboard is the same password.
     text = unicodedata.normalize("NFKC", password)
-    # surrogatepass: even a lone surrogate, which UTF-8 cannot encode, is hashed.
+    # surrogatepass: even a lone surrogate, which UTF-8 cannot encode and a form
+    # login can carry, is hashed, never a 500.
     digest = hmac.digest(PREHASH_KEY, text.encode(errors="surrogatepass"), "sha256")
-    return base64.b64encode(digest)  # printable: some bcrypts stop at a NUL byte
+    # 32 bytes, as 44 printable ones: some bcrypt libraries stop at a NUL byte.
+    return base64.b64encode(digest)
 
 
 def hash_password(password: str) -> bytes:
@@ -220,6 +223,7 @@ def create_access_token(key: str, user_id: int, version: int) -> str:
     """Sign a token naming the user and its token version, valid for a while."""
     now = datetime.now(UTC)
     expires = now + timedelta(minutes=settings.access_token_expire_minutes)
+    # PyJWT wants `sub` as a string; `ver` is ours, checked by find_token_user.
     claims = {"sub": str(user_id), "ver": version, "iat": now, "exp": expires}
     return jwt.encode(claims, key, algorithm="HS256")
 
@@ -235,7 +239,8 @@ def count_login_attempt(db: sqlite3.Connection, email: str) -> None:
     # Stale counts go as new ones are written, so random emails cannot fill the table.
     db.execute("DELETE FROM login_attempt WHERE window_start <= ?", (now - window,))
     # One statement counts and reads: concurrent attempts each see their own number.
-    # The window starts at an email's first counted attempt; later ones do not move it.
+    # The first attempt inserts (email, 1, now): the window starts then. Each later
+    # one finds that row and adds 1, leaving window_start as it was.
     count_attempt = """
         INSERT INTO login_attempt (email, window_start)
         VALUES (?, ?)
@@ -243,7 +248,7 @@ def count_login_attempt(db: sqlite3.Connection, email: str) -> None:
         RETURNING attempts, window_start
     """
     attempt = db.execute(count_attempt, (email, now)).fetchone()
-    if attempt["attempts"] > settings.login_attempts:  # the attempts allowed
+    if attempt["attempts"] > settings.login_attempts:
         seconds_left = math.ceil(attempt["window_start"] + window - now)
         retry_after = {"Retry-After": str(max(1, seconds_left))}
         raise HTTPException(429, TOO_MANY_LOGINS, headers=retry_after)
@@ -260,6 +265,7 @@ def clear_login_attempts(db: sqlite3.Connection, email: str) -> None:
 oauth2_scheme = OAuth2PasswordBearer(tokenUrl="/auth/token")
 BearerToken = Annotated[str, Depends(oauth2_scheme)]
 BEARER = {"WWW-Authenticate": "Bearer"}
+INCORRECT_LOGIN = "Incorrect email or password"  # a wrong email and password alike
 
 
 def invalid_token() -> HTTPException:
@@ -276,6 +282,7 @@ def read_token(token: str, key: str) -> tuple[int, int]:
         user_id, version = int(claims["sub"]), int(claims["ver"])
     except (jwt.InvalidTokenError, ValueError, TypeError):
         raise invalid_token() from None
+    # Checked, though we signed it: sqlite3 fails on a number beyond SQLite's.
     if not (0 < user_id <= MAX_ID and 0 <= version <= MAX_ID):
         raise invalid_token()
     return user_id, version
@@ -298,6 +305,7 @@ def find_token_user(
 
 def get_current_user(token: BearerToken, request: Request, db: DB) -> dict:
     """Return the user a valid, unrevoked token names."""
+    # The key lifespan settled at startup, from the settings or the database.
     user_id, version = read_token(token, request.app.state.signing_key)
     return find_token_user(db, user_id, version, USER_COLUMNS)
 
@@ -323,11 +331,12 @@ Email = Annotated[
     AfterValidator(normalize_email),
 ]
 Password = Annotated[
-    str, Field(min_length=15, max_length=128, description="Any characters at all")
+    str, Field(min_length=15, max_length=128, description="Spaces, accents, emoji: all")
 ]
-# At most 200 characters as sent, and not blank: at least 1 once trimmed. The
-# pattern says so to clients; min_length catches what only Python counts as space,
-# such as "\x1f", which the pattern lets through and strip() removes.
+# At most 200 characters as sent, and not blank: at least 1 once trimmed. Pydantic
+# applies these in order. The pattern tells clients; min_length then catches what
+# only Python counts as space, such as "\x1f": the pattern lets it through, and
+# strip() removes it.
 Title = Annotated[
     str,
     Field(max_length=200, pattern=r"\S", description="Not only spaces; trimmed"),
@@ -351,7 +360,7 @@ class User(BaseModel):
 
 
 class Credentials(BaseModel):
-    """A login. JSON may name the email `email` instead of `username`."""
+    """A login: `username` is the email, which may also be sent as `email`."""
 
     username: str = Field(validation_alias=AliasChoices("username", "email"))
     password: str
@@ -395,7 +404,7 @@ class Task(BaseModel):
     created_at: datetime
 
 
-# The task queries read exactly the fields Task shows: a new field joins by itself.
+# The task queries read exactly the fields Task shows: the list follows the model.
 TASK_COLUMNS = ", ".join(Task.model_fields)
 TaskList = TypeAdapter(list[Task])
 
@@ -404,18 +413,19 @@ class Message(BaseModel):
     detail: str
 
 
-# --- Routes ------------------------------------------------------------------
-MAX_BODY_SIZE = 64 * 1024  # bytes: tasks and logins are small, and memory stays flat
+# The two body types the routes read, and the one they answer in.
 JSON = "application/json"
 FORM = "application/x-www-form-urlencoded"
 
-# Documentation only: what a route may answer besides success is declared beside it,
-# for /docs and generated clients. The route itself raises the HTTPException.
+
+# --- What the routes answer: documentation for /docs only --------------------
+# Nothing here changes what a route does: it tells /docs and generated clients what
+# each route may answer besides success. A first read can skip to the routes.
 STRING_SCHEMA = {"schema": {"type": "string"}}
 
 
-def error_answer(description: str, *headers: str) -> dict:
-    """Describe an error answer: its meaning, a `detail` body, and its headers."""
+def documented_error(description: str, *headers: str) -> dict:
+    """Document an error answer: what it means, its `detail` body, its headers."""
     return {
         "model": Message,
         "description": description,
@@ -423,16 +433,41 @@ def error_answer(description: str, *headers: str) -> dict:
     }
 
 
-CREATED = {201: {"headers": {"Location": STRING_SCHEMA}}}
-UNAUTHORIZED = {
-    401: error_answer("Missing, invalid, expired or revoked token", "WWW-Authenticate")
+CREATED_DOCS = {201: {"headers": {"Location": STRING_SCHEMA}}}
+UNAUTHORIZED_DOCS = {
+    401: documented_error("No token, or a bad or revoked one", "WWW-Authenticate")
 }
-TOO_MANY = {429: error_answer(TOO_MANY_LOGINS, "Retry-After")}
+TOO_MANY_DOCS = {429: documented_error(TOO_MANY_LOGINS, "Retry-After")}
+REGISTER_DOCS = CREATED_DOCS | {409: documented_error("Email already registered")}
+PASSWORD_DOCS = {403: documented_error("Incorrect password")} | TOO_MANY_DOCS
+NOT_FOUND_DOCS = {404: documented_error("Not one of the caller's tasks")}
+# The login reads its own body (see read_credentials), so FastAPI cannot document
+# the body, nor its 415 and 422; and FastAPI documents one body type per route.
+VALIDATION_ERROR = {"schema": {"$ref": "#/components/schemas/HTTPValidationError"}}
+LOGIN_DOCS = {
+    401: documented_error(INCORRECT_LOGIN, "WWW-Authenticate"),
+    415: documented_error("The body is neither JSON nor a form"),
+    422: {"description": "Validation Error", "content": {JSON: VALIDATION_ERROR}},
+} | TOO_MANY_DOCS
+LOGIN_SCHEMA = {"schema": Credentials.model_json_schema()}
+LOGIN_TYPES = {FORM: LOGIN_SCHEMA, JSON: LOGIN_SCHEMA}
+LOGIN_BODY_DOCS = {"requestBody": {"required": True, "content": LOGIN_TYPES}}
+# Any route may answer these, FastAPI the first two itself, and its 413 in plain text.
+PLAIN_TEXT = {"content": {"text/plain": STRING_SCHEMA}}
+APP_DOCS = {
+    400: documented_error("The body is not valid UTF-8"),
+    413: documented_error("The body is too large") | PLAIN_TEXT,
+    503: documented_error("The database cannot answer"),
+}
+
+
+# --- Routes ------------------------------------------------------------------
+MAX_BODY_SIZE = 64 * 1024  # bytes: tasks and logins are small, and memory stays flat
 
 health_routes = APIRouter(tags=["health"])
 auth_routes = APIRouter(prefix="/auth", tags=["auth"])
-user_routes = APIRouter(prefix="/users/me", tags=["users"], responses=UNAUTHORIZED)
-task_routes = APIRouter(prefix="/tasks", tags=["tasks"], responses=UNAUTHORIZED)
+user_routes = APIRouter(prefix="/users/me", tags=["users"], responses=UNAUTHORIZED_DOCS)
+task_routes = APIRouter(prefix="/tasks", tags=["tasks"], responses=UNAUTHORIZED_DOCS)
 
 
 async def refuse_large_body(request: Request) -> None:
@@ -454,10 +489,7 @@ def health(db: DB) -> dict[str, str]:
     return {"status": "ok"}
 
 
-REGISTER_ERRORS = {409: error_answer("Email already registered")}
-
-
-@auth_routes.post("/register", status_code=201, responses=CREATED | REGISTER_ERRORS)
+@auth_routes.post("/register", status_code=201, responses=REGISTER_DOCS)
 async def register(new_user: UserCreate, response: Response) -> User:
     """Create an account; the email must be free, however it is spelled."""
     user = await in_password_thread(create_account, new_user.email, new_user.password)
@@ -480,6 +512,7 @@ def create_account(email: str, password: str) -> dict:
             raise HTTPException(409, "Email already registered") from None
 
 
+# FastAPI's OAuth2PasswordRequestForm would read a form only; this reads either.
 async def read_credentials(request: Request) -> Credentials:
     """Read a login from the OAuth2 form or, for HTTPie and scripts, from JSON."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip()
@@ -498,21 +531,9 @@ async def read_credentials(request: Request) -> Credentials:
 
 
 Login = Annotated[Credentials, Depends(read_credentials)]
-# The login reads its own body, to take a form or JSON, so FastAPI cannot document
-# the body or its 415 and 422. (Its OAuth2PasswordRequestForm would take a form only.)
-INCORRECT_LOGIN = "Incorrect email or password"
-VALIDATION_ERROR = {"schema": {"$ref": "#/components/schemas/HTTPValidationError"}}
-LOGIN_ERRORS = {
-    401: error_answer(INCORRECT_LOGIN, "WWW-Authenticate"),
-    415: error_answer("The body is neither JSON nor a form"),
-    422: {"description": "Validation Error", "content": {JSON: VALIDATION_ERROR}},
-}
-LOGIN_SCHEMA = {"schema": Credentials.model_json_schema()}
-LOGIN_TYPES = {FORM: LOGIN_SCHEMA, JSON: LOGIN_SCHEMA}
-LOGIN_BODY = {"requestBody": {"required": True, "content": LOGIN_TYPES}}
 
 
-@auth_routes.post("/token", responses=LOGIN_ERRORS | TOO_MANY, openapi_extra=LOGIN_BODY)
+@auth_routes.post("/token", responses=LOGIN_DOCS, openapi_extra=LOGIN_BODY_DOCS)
 async def login(credentials: Login, request: Request, response: Response) -> Token:
     """Trade an email and password for a bearer token; guessing is rate-limited."""
     try:
@@ -540,6 +561,7 @@ def check_login(email: str, password: str) -> dict:
             stored_hash = user["password_hash"]
         else:  # checked all the same, so an unknown email takes as long as a known one
             stored_hash = dummy_hash(settings.bcrypt_rounds)
+        # The password is checked first, always: a missing account takes as long.
         if not verify_password(password, stored_hash) or user is None:
             raise HTTPException(401, INCORRECT_LOGIN, headers=BEARER)
         clear_login_attempts(db, email)
@@ -547,7 +569,7 @@ def check_login(email: str, password: str) -> dict:
 
 
 @auth_routes.post(
-    "/logout", status_code=204, responses=UNAUTHORIZED, dependencies=READS_NO_BODY
+    "/logout", status_code=204, responses=UNAUTHORIZED_DOCS, dependencies=READS_NO_BODY
 )
 def logout(user: CurrentUser, db: DB) -> None:
     """Log out everywhere: every token of the caller issued until now is refused."""
@@ -565,10 +587,7 @@ async def read_me(user: CurrentUser) -> User:
     return user
 
 
-PASSWORD_ERRORS = {403: error_answer("Incorrect password")}
-
-
-@user_routes.put("/password", responses=PASSWORD_ERRORS | TOO_MANY)
+@user_routes.put("/password", responses=PASSWORD_DOCS)
 async def change_password(
     change: PasswordChange, token: BearerToken, request: Request, response: Response
 ) -> Token:
@@ -582,8 +601,8 @@ async def change_password(
 
 def store_password(user_id: int, version: int, change: PasswordChange) -> int:
     """Check the current password, then store the new one and revoke older tokens."""
-    # Only if the version is still the token's (a logout meanwhile makes this a 401):
-    # a write that checks nothing changed since it read.
+    # A compare-and-set: it writes only if the version is still the token's, so a
+    # logout during the check makes this a 401 instead of a password change.
     update = """
         UPDATE user
         SET password_hash = ?, token_version = token_version + 1
@@ -607,9 +626,6 @@ def store_password(user_id: int, version: int, change: PasswordChange) -> int:
 def delete_me(user: CurrentUser, db: DB) -> None:
     """Delete the account and, through the foreign key, all of its tasks."""
     db.execute("DELETE FROM user WHERE id = ?", (user["id"],))
-
-
-NOT_FOUND = {404: error_answer("Not one of the caller's tasks")}
 
 
 # The list and the new task answer at /tasks and /tasks/ alike, with no redirect.
@@ -638,7 +654,7 @@ def list_tasks(
     return Response(body, media_type=JSON)
 
 
-@task_routes.post("", status_code=201, responses=CREATED)
+@task_routes.post("", status_code=201, responses=CREATED_DOCS)
 @task_routes.post("/", status_code=201, include_in_schema=False)
 def add_task(task: TaskCreate, user: CurrentUser, db: DB, response: Response) -> Task:
     """Add a task for the caller."""
@@ -656,26 +672,26 @@ def add_task(task: TaskCreate, user: CurrentUser, db: DB, response: Response) ->
     return created
 
 
-@task_routes.get("/{task_id}", responses=NOT_FOUND)
+@task_routes.get("/{task_id}", responses=NOT_FOUND_DOCS)
 def read_task(task_id: TaskId, user: CurrentUser, db: DB) -> Task:
     """Show one of the caller's tasks; another user's task does not exist for them."""
     return find_task(db, task_id, user["id"])
 
 
-@task_routes.patch("/{task_id}", responses=NOT_FOUND)
+@task_routes.patch("/{task_id}", responses=NOT_FOUND_DOCS)
 def edit_task(task_id: TaskId, changes: TaskUpdate, user: CurrentUser, db: DB) -> Task:
     """Change only the fields sent; null clears the description or the due date."""
     return update_task(db, task_id, user["id"], changes.model_dump(exclude_unset=True))
 
 
-@task_routes.put("/{task_id}", responses=NOT_FOUND)
+@task_routes.put("/{task_id}", responses=NOT_FOUND_DOCS)
 def replace_task(task_id: TaskId, task: TaskCreate, user: CurrentUser, db: DB) -> Task:
     """Replace a task: fields left out go back to their defaults."""
     return update_task(db, task_id, user["id"], task.model_dump())
 
 
 @task_routes.delete(
-    "/{task_id}", status_code=204, responses=NOT_FOUND, dependencies=READS_NO_BODY
+    "/{task_id}", status_code=204, responses=NOT_FOUND_DOCS, dependencies=READS_NO_BODY
 )
 def delete_task(task_id: TaskId, user: CurrentUser, db: DB) -> None:
     """Delete one of the caller's tasks."""
@@ -724,8 +740,9 @@ def update_task(
         RETURNING {TASK_COLUMNS}
     """
     # BEGIN IMMEDIATE opens a transaction holding the write lock, so no other write
-    # slips between our read (which checks the owner) and our write; `with db:`
-    # commits it at the end of the block, or rolls it back on an error.
+    # slips between our read and our write: two PATCHes cannot lose each other's
+    # fields, and a delete cannot come between. `with db:` commits at the end of the
+    # block, or rolls back on an error.
     with db:
         db.execute("BEGIN IMMEDIATE")
         task = find_task(db, task_id, owner_id) | changes
@@ -799,18 +816,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         idle_connections.pop().close()
 
 
-# Any route may answer these, FastAPI the first two itself: the app declares them once.
-PLAIN_TEXT = {"content": {"text/plain": STRING_SCHEMA}}  # FastAPI's 413 is plain text
-APP_ERRORS = {
-    400: error_answer("The body is not valid UTF-8"),
-    413: error_answer("The body is too large") | PLAIN_TEXT,
-    503: error_answer("The database cannot answer"),
-}
 app = FastAPI(
     title="Todo API",
     lifespan=lifespan,
     max_body_size=MAX_BODY_SIZE,  # 413 as soon as more is read
-    responses=APP_ERRORS,
+    responses=APP_DOCS,
     exception_handlers={
         RequestValidationError: invalid_request,
         sqlite3.Error: database_unavailable,
