@@ -236,7 +236,8 @@ def count_login_attempt(db: sqlite3.Connection, email: str) -> None:
     """Count one password check for an email, or answer 429 once too many were made."""
     now = time.time()
     window = settings.login_window_seconds
-    # Stale counts go as new ones are written, so random emails cannot fill the table.
+    # Counts whose window has passed are deleted whenever one is written, so logins
+    # for random emails cannot fill the table.
     db.execute("DELETE FROM login_attempt WHERE window_start <= ?", (now - window,))
     # One statement counts and reads: concurrent attempts each see their own number.
     # The first attempt inserts (email, 1, now): the window starts then. Each later
@@ -406,7 +407,7 @@ class Task(BaseModel):
 
 # The task queries read exactly the fields Task shows: the list follows the model.
 TASK_COLUMNS = ", ".join(Task.model_fields)
-TaskList = TypeAdapter(list[Task])
+TaskList = TypeAdapter(list[Task])  # checks a list of tasks and writes it as JSON
 
 
 class Message(BaseModel):
@@ -522,7 +523,7 @@ async def read_credentials(request: Request) -> Credentials:
         if content_type.lower() == FORM:
             return Credentials.model_validate(dict(await request.form()))
     except ValidationError as invalid:
-        # Located in the body, as FastAPI locates the problems of the other routes.
+        # Each problem's `loc` starts with "body", as FastAPI writes it for the others.
         problems = invalid.errors(include_url=False)
         body_problems = [{**each, "loc": ("body", *each["loc"])} for each in problems]
         raise RequestValidationError(body_problems) from None
@@ -530,11 +531,11 @@ async def read_credentials(request: Request) -> Credentials:
     raise HTTPException(415, f"Send the login as JSON or as {FORM}")
 
 
-Login = Annotated[Credentials, Depends(read_credentials)]
+LoginBody = Annotated[Credentials, Depends(read_credentials)]
 
 
 @auth_routes.post("/token", responses=LOGIN_DOCS, openapi_extra=LOGIN_BODY_DOCS)
-async def login(credentials: Login, request: Request, response: Response) -> Token:
+async def login(credentials: LoginBody, request: Request, response: Response) -> Token:
     """Trade an email and password for a bearer token; guessing is rate-limited."""
     try:
         email = normalize_email(credentials.username)
