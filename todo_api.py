@@ -1,8 +1,9 @@
 """A task manager's API in one module; serve it with `uvicorn todo_api:app`.
 
 It reads in the order its data travels: settings, the database, passwords and
-tokens, the login rate limit, the current user, the models, the routes (each with
-the work it hands to a thread right below it), what the routes share, and the app.
+tokens, the login rate limit, the current user, the models, what the routes answer
+(for /docs only: skip it on a first read), the routes (each with the work it hands
+to a thread right below it), what the routes share, and the app.
 """
 
 import base64
@@ -69,7 +70,8 @@ class Settings(BaseSettings):
     )
 
     database_path: str = "todo.db"
-    secret_key: SecretStr = SecretStr("")  # empty: one is made, see stored_signing_key
+    # Empty: lifespan makes one at startup and keeps it in the signing_key table.
+    secret_key: SecretStr = SecretStr("")
     access_token_expire_minutes: int = Field(30, ge=1, le=525_600)  # a year at most
     bcrypt_rounds: int = Field(12, ge=4, le=31)
     login_attempts: int = Field(10, ge=1)
@@ -161,11 +163,14 @@ async def get_db() -> AsyncIterator[sqlite3.Connection]:
         try:
             yield connection
         finally:
+            if connection.in_transaction:  # never hand on an unfinished transaction
+                connection.rollback()
             idle_connections.append(connection)
 
 
-# Every write commits as it runs, before the route returns: FastAPI may run this
-# dependency's cleanup after the answer is sent, too late for a commit.
+# FastAPI runs a dependency once per request, so every DB of a request, the current
+# user's included, is one connection. Every write commits as it runs, before the
+# route returns: FastAPI may run get_db's cleanup after the answer is sent.
 DB = Annotated[sqlite3.Connection, Depends(get_db)]
 
 
@@ -236,12 +241,12 @@ def count_login_attempt(db: sqlite3.Connection, email: str) -> None:
     """Count one password check for an email, or answer 429 once too many were made."""
     now = time.time()
     window = settings.login_window_seconds
-    # Counts whose window has passed are deleted whenever one is written, so logins
-    # for random emails cannot fill the table.
+    # Counts whose window has passed are deleted whenever one is written: that ends
+    # an email's window, and logins for random emails cannot fill the table.
     db.execute("DELETE FROM login_attempt WHERE window_start <= ?", (now - window,))
     # One statement counts and reads: concurrent attempts each see their own number.
-    # The first attempt inserts (email, 1, now): the window starts then. Each later
-    # one finds that row and adds 1, leaving window_start as it was.
+    # The first attempt inserts a row (attempts is 1, the schema's default) and its
+    # window starts now; each later one finds that row and adds 1 to attempts.
     count_attempt = """
         INSERT INTO login_attempt (email, window_start)
         VALUES (?, ?)
@@ -265,13 +270,13 @@ def clear_login_attempts(db: sqlite3.Connection, email: str) -> None:
 # /docs where its Authorize button logs in.
 oauth2_scheme = OAuth2PasswordBearer(tokenUrl="/auth/token")
 BearerToken = Annotated[str, Depends(oauth2_scheme)]
-BEARER = {"WWW-Authenticate": "Bearer"}
+BEARER_HEADERS = {"WWW-Authenticate": "Bearer"}
 INCORRECT_LOGIN = "Incorrect email or password"  # a wrong email and password alike
 
 
 def invalid_token() -> HTTPException:
     """The one answer for every bad token, a revoked or a deleted user's included."""
-    return HTTPException(401, "Could not validate credentials", headers=BEARER)
+    return HTTPException(401, "Could not validate credentials", headers=BEARER_HEADERS)
 
 
 def read_token(token: str, key: str) -> tuple[int, int]:
@@ -283,7 +288,8 @@ def read_token(token: str, key: str) -> tuple[int, int]:
         user_id, version = int(claims["sub"]), int(claims["ver"])
     except (jwt.InvalidTokenError, ValueError, TypeError):
         raise invalid_token() from None
-    # Checked, though we signed it: sqlite3 fails on a number beyond SQLite's.
+    # Checked though we signed it, in case the key ever leaks: sqlite3 would fail on
+    # a number beyond SQLite's, a 500.
     if not (0 < user_id <= MAX_ID and 0 <= version <= MAX_ID):
         raise invalid_token()
     return user_id, version
@@ -501,6 +507,8 @@ async def register(new_user: UserCreate, response: Response) -> User:
 def create_account(email: str, password: str) -> dict:
     """Store a new account, or answer 409 if the email is taken, even in a race."""
     password_hash = hash_password(password)
+    # A connection of its own, opened in this bcrypt thread, as the other two do: a
+    # pooled one would have been held while the request waited for a core.
     insert = f"""
         INSERT INTO user (email, password_hash)
         VALUES (?, ?)
@@ -540,7 +548,7 @@ async def login(credentials: LoginBody, request: Request, response: Response) ->
     try:
         email = normalize_email(credentials.username)
     except EmailNotValidError:  # no account can have it: nothing to check or count
-        raise HTTPException(401, INCORRECT_LOGIN, headers=BEARER) from None
+        raise HTTPException(401, INCORRECT_LOGIN, headers=BEARER_HEADERS) from None
     user = await in_password_thread(check_login, email, credentials.password)
     key = request.app.state.signing_key
     return token_answer(response, key, user["id"], user["token_version"])
@@ -560,11 +568,10 @@ def check_login(email: str, password: str) -> dict:
         user = db.execute(query, (email,)).fetchone()
         if user:
             stored_hash = user["password_hash"]
-        else:  # checked all the same, so an unknown email takes as long as a known one
+        else:  # an unknown email is checked too, so that it takes as long
             stored_hash = dummy_hash(settings.bcrypt_rounds)
-        # The password is checked first, always: a missing account takes as long.
         if not verify_password(password, stored_hash) or user is None:
-            raise HTTPException(401, INCORRECT_LOGIN, headers=BEARER)
+            raise HTTPException(401, INCORRECT_LOGIN, headers=BEARER_HEADERS)
         clear_login_attempts(db, email)
         return user
 
@@ -649,8 +656,8 @@ def list_tasks(
         LIMIT ? OFFSET ?
     """
     tasks = db.execute(query, (user["id"], done, limit, offset)).fetchall()
-    # Validated and serialised here, in this thread: FastAPI would take one more hop,
-    # so response_model above is there only for /docs.
+    # Validated and serialised here, in this thread: FastAPI would validate the
+    # return value in a second thread-pool call. response_model is for /docs only.
     body = TaskList.dump_json(TaskList.validate_python(tasks))
     return Response(body, media_type=JSON)
 
@@ -743,7 +750,7 @@ def update_task(
     # BEGIN IMMEDIATE opens a transaction holding the write lock, so no other write
     # slips between our read and our write: two PATCHes cannot lose each other's
     # fields, and a delete cannot come between. `with db:` commits at the end of the
-    # block, or rolls back on an error.
+    # block, or rolls back on an error, autocommit connection or not.
     with db:
         db.execute("BEGIN IMMEDIATE")
         task = find_task(db, task_id, owner_id) | changes
