@@ -446,6 +446,27 @@ def test_concurrent_writers_all_succeed(client, auth, database):
     ).fetchone() == (320,)
 
 
+def test_a_connection_goes_back_to_the_pool_without_a_transaction(
+    monkeypatch, tmp_path
+):
+    module = fresh_module(monkeypatch, tmp_path, APP_BCRYPT_ROUNDS="4")
+
+    @module.app.get("/unfinished")
+    def unfinished(db: module.DB) -> None:
+        db.execute("BEGIN IMMEDIATE")  # a route that forgets to finish what it began
+
+    with TestClient(module.app) as client:
+        assert client.get("/unfinished").status_code == 200
+        [connection] = module.idle_connections
+        assert not connection.in_transaction  # so it holds no write lock either
+        assert (
+            client.post(
+                "/auth/register", json={"email": "a@x.io", "password": PASSWORD}
+            ).status_code
+            == 201
+        )
+
+
 def test_database_connections_are_bounded_however_many_requests_arrive(client, auth):
     def read(_):
         return client.get("/tasks", headers=auth).status_code
