@@ -507,13 +507,13 @@ async def register(new_user: UserCreate, response: Response) -> User:
 def create_account(email: str, password: str) -> dict:
     """Store a new account, or answer 409 if the email is taken, even in a race."""
     password_hash = hash_password(password)
-    # A connection of its own, opened in this bcrypt thread, as the other two do: a
-    # pooled one would have been held while the request waited for a core.
     insert = f"""
         INSERT INTO user (email, password_hash)
         VALUES (?, ?)
         RETURNING {USER_COLUMNS}
     """
+    # A connection of its own, opened in this bcrypt thread, as the other two do: a
+    # pooled one would have been held while the request waited for a core.
     with closing(connect()) as db:
         try:
             return db.execute(insert, (email, password_hash)).fetchone()
