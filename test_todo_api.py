@@ -1056,6 +1056,7 @@ def test_client_cannot_set_id_owner_or_created_at(client, auth, database):
         ({}, ["body", "title"]),
         ({"title": ""}, ["body", "title"]),
         ({"title": "   "}, ["body", "title"]),
+        ({"title": "\x1f"}, ["body", "title"]),  # space to Python's strip() only
         ({"title": "x" * 201}, ["body", "title"]),
         ({"title": None}, ["body", "title"]),
         ({"title": 42}, ["body", "title"]),

@@ -1,5 +1,14 @@
 """A task manager's API in one module; serve it with `uvicorn todo_api:app`.
 
+Three ideas carry it:
+- Blocking work never runs on the event loop. Plain `def` routes run in threads and
+  borrow a pooled SQLite connection; bcrypt runs on at most one thread per CPU core,
+  with a connection of its own, so a burst of logins cannot starve the other routes.
+- A token names a user and the user's token_version. Logging out or changing the
+  password raises the version, which revokes every older token at once.
+- Each password check is counted per email in the database before bcrypt runs, so
+  guessing is limited across workers and restarts.
+
 It reads in the order its data travels: settings, the database, passwords and
 tokens, the login rate limit, the current user, the models, what the routes answer
 (for /docs only: skip it on a first read), the routes (each with the work it hands
@@ -137,7 +146,9 @@ def connect() -> sqlite3.Connection:
     connection.row_factory = row_as_dict
     connection.execute("PRAGMA foreign_keys = ON")  # off by default; cascades deletes
     connection.execute("PRAGMA journal_mode = WAL")  # readers never wait for writers
-    connection.execute("PRAGMA synchronous = NORMAL")  # see the README's Limits
+    # A crash of the process loses no commit; a power cut may lose the last ones
+    # (the README's Limits say how to close that).
+    connection.execute("PRAGMA synchronous = NORMAL")
     return connection
 
 
@@ -340,15 +351,22 @@ Email = Annotated[
 Password = Annotated[
     str, Field(min_length=15, max_length=128, description="Spaces, accents, emoji: all")
 ]
-# At most 200 characters as sent, and not blank: at least 1 once trimmed. Pydantic
-# applies these in order. The pattern tells clients; min_length then catches what
-# only Python counts as space, such as "\x1f": the pattern lets it through, and
-# strip() removes it.
+
+
+def strip_title(title: str) -> str:
+    """Trim a title, and refuse one that trimming leaves empty."""
+    # The schema's pattern already refuses "   ", but strip() also removes a few
+    # characters that the pattern counts as visible, such as "\x1f".
+    if not title.strip():
+        raise ValueError("Title must not be blank")
+    return title.strip()
+
+
+# At most 200 characters as sent, not blank, and stored trimmed.
 Title = Annotated[
     str,
-    Field(max_length=200, pattern=r"\S", description="Not only spaces; trimmed"),
-    AfterValidator(str.strip),
-    Field(min_length=1),
+    Field(min_length=1, max_length=200, pattern=r"\S", description="Stored trimmed"),
+    AfterValidator(strip_title),
 ]
 Description = Annotated[str, Field(max_length=2000)]
 DueDate = Annotated[date, BeforeValidator(iso_date_text)]
