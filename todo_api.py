@@ -296,11 +296,13 @@ def read_token(token: str, key: str) -> tuple[int, int]:
         # Naming the algorithm refuses "alg: none" and tokens signed any other way.
         options = {"require": ["exp", "sub", "ver"]}
         claims = jwt.decode(token, key, algorithms=["HS256"], options=options)
-        user_id, version = int(claims["sub"]), int(claims["ver"])
+        user_id, version = int(claims["sub"]), claims["ver"]
     except (jwt.InvalidTokenError, ValueError, TypeError):
         raise invalid_token() from None
-    # Checked though we signed it, in case the key ever leaks: sqlite3 would fail on
-    # a number beyond SQLite's, a 500.
+    # Checked though we signed it, in case the key ever leaks: whole numbers only, in
+    # SQLite's range (sqlite3 would fail on a larger one, a 500).
+    if type(version) is not int:
+        raise invalid_token()
     if not (0 < user_id <= MAX_ID and 0 <= version <= MAX_ID):
         raise invalid_token()
     return user_id, version
@@ -500,7 +502,7 @@ async def refuse_large_body(request: Request) -> None:
     # FastAPI's max_body_size answers 413 as a body is read, but a route that never
     # reads its body (logout, a delete) would have done its work by then.
     declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > MAX_BODY_SIZE:
+    if declared.isdecimal() and int(declared) > MAX_BODY_SIZE:
         raise HTTPException(413, "Content Too Large")
 
 
