@@ -256,7 +256,7 @@ def count_login_attempt(db: sqlite3.Connection, email: str) -> None:
     # an email's window, and logins for random emails cannot fill the table.
     db.execute("DELETE FROM login_attempt WHERE window_start <= ?", (now - window,))
     # One statement counts and reads: concurrent attempts each see their own number.
-    # The first attempt inserts a row (attempts is 1, the schema's default) and its
+    # The first attempt inserts a row (attempts is 1, schema.sql's default) and its
     # window starts now; each later one finds that row and adds 1 to attempts.
     count_attempt = """
         INSERT INTO login_attempt (email, window_start)
@@ -341,8 +341,8 @@ def iso_date_text(value: Any) -> Any:
     raise ValueError("Input should be a date as a YYYY-MM-DD string")
 
 
-# For the schema only, as normalize_email does the checking: the `email` format, and
-# the special-use domains (.test, .localhost, ...) that email-validator refuses.
+# For the OpenAPI schema only (normalize_email does the checking): the `email`
+# format, and the special-use domains (.test, .localhost, ...) that are refused.
 SPECIAL_USE = rf"\.({'|'.join(SPECIAL_USE_DOMAIN_NAMES)})$"
 EMAIL_SCHEMA = {"format": "email", "not": {"pattern": SPECIAL_USE}}
 Email = Annotated[
@@ -357,7 +357,7 @@ Password = Annotated[
 
 def strip_title(title: str) -> str:
     """Trim a title, and refuse one that trimming leaves empty."""
-    # The schema's pattern already refuses "   ", but strip() also removes a few
+    # The OpenAPI pattern already refuses "   ", but strip() also removes a few
     # characters that the pattern counts as visible, such as "\x1f".
     if not title.strip():
         raise ValueError("Title must not be blank")
@@ -415,7 +415,8 @@ class TaskUpdate(BaseModel):
     """The fields to change; the ones left out keep their value."""
 
     # A default is never validated, so title and done may be left out, while a
-    # null sent for them is refused, as the schema shows.
+    # null sent for them is refused, as the OpenAPI schema shows. edit_task passes
+    # on only the fields that were sent (exclude_unset).
     title: Title = None
     done: StrictBool = None
     description: Description | None = None
@@ -440,7 +441,7 @@ class Message(BaseModel):
     detail: str
 
 
-# The two body types the routes read, and the one they answer in.
+# The media types of bodies: the login reads both, and every answer is JSON.
 JSON = "application/json"
 FORM = "application/x-www-form-urlencoded"
 
@@ -773,6 +774,7 @@ def update_task(
     # block, or rolls back on an error, autocommit connection or not.
     with db:
         db.execute("BEGIN IMMEDIATE")
+        # The stored task, id included, with the changes laid over it.
         task = find_task(db, task_id, owner_id) | changes
         return db.execute(update, task).fetchone()
 
