@@ -13,6 +13,16 @@ It reads in the order its data travels: settings, the database, passwords and
 tokens, the login rate limit, the current user, the models, what the routes answer
 (for /docs only: skip it on a first read), the routes (each with the work it hands
 to a thread right below it), what the routes share, and the app.
+
+Five things FastAPI does that the code relies on:
+- It runs a plain `def` route or dependency in a worker thread, an `async def` one
+  on the event loop.
+- `Annotated[T, Depends(f)]` in a signature means "call f for this request and
+  pass its result"; each f runs once per request, however many ask for it.
+- A dependency that yields runs up to the yield before the route, the rest after.
+- A route's return annotation is its response model: what it returns is checked
+  and written as that model, so a field the model lacks never leaves the server.
+- A `response: Response` parameter lets a route set headers on its answer.
 """
 
 import base64
@@ -152,14 +162,13 @@ def connect() -> sqlite3.Connection:
     return connection
 
 
-# How requests, threads and connections fit together:
-# - A sync route runs on one of AnyIO's 40 threads, and get_db lends it one open
-#   connection for the request; afterwards the connection waits in idle_connections.
-# - connection_slots bounds how many connections exist, however many requests come.
-# - get_db is async: it runs on the event loop, one step at a time, so the list
-#   needs no lock. (fast_acquire: a free slot is taken without a pass of the loop.)
-# - The three bcrypt routes are async and borrow nothing here: their work runs in a
-#   bcrypt thread, at most one per core, which opens a connection of its own.
+# The pool. A request to GET /tasks, say: get_db takes one of the 40 slots (or waits
+# for one), pops an open connection from idle_connections (or opens one), and lends
+# it; the route runs on one of AnyIO's 40 worker threads with it; afterwards get_db
+# puts it back in the list and frees the slot. get_db is async, so it runs on the
+# event loop one step at a time, and the list needs no lock. (fast_acquire: a free
+# slot is taken at once, without first letting other tasks run.) The three bcrypt
+# routes borrow nothing here: their work opens a connection of its own.
 idle_connections: list[sqlite3.Connection] = []
 connection_slots = Semaphore(MAX_CONNECTIONS, fast_acquire=True)
 
