@@ -10,9 +10,11 @@ Three ideas carry it:
   guessing is limited across workers and restarts.
 
 It reads in the order its data travels: settings, the database, passwords and
-tokens, the login rate limit, the current user, the models, what the routes answer
-(for /docs only: skip it on a first read), the routes (each with the work it hands
-to a thread right below it), what the routes share, and the app.
+tokens, the login rate limit, the current user, the models, what the routes answer,
+the routes (each with the work it hands to a thread right below it), what the routes
+share, and the app. "What the routes answer" only shapes /docs: skip it on a first
+read, with every name ending in _DOCS and the response_model, openapi_extra and
+include_in_schema arguments.
 
 Five things FastAPI does that the code relies on:
 - It runs a plain `def` route or dependency in a worker thread, an `async def` one
@@ -112,7 +114,7 @@ class Settings(BaseSettings):
     @classmethod
     def split_origins(cls, origins: Any) -> Any:
         """Read origins as a JSON list or as comma-separated text."""
-        if isinstance(origins, str) and origins.startswith("["):
+        if isinstance(origins, str) and origins.lstrip().startswith("["):
             return json.loads(origins)
         if isinstance(origins, str):
             return [origin.strip() for origin in origins.split(",") if origin.strip()]
@@ -204,6 +206,7 @@ else:
     CPU_CORES = os.cpu_count() or 1
 # bcrypt runs at most once per core. Work waiting for a core holds no thread and no
 # connection, and each that runs opens one: at most 40 + CPU_CORES connections in all.
+# (A CapacityLimiter, not a Semaphore as in the pool: it is what to_thread takes.)
 password_slots = CapacityLimiter(CPU_CORES)
 
 
@@ -265,11 +268,11 @@ def count_login_attempt(db: sqlite3.Connection, email: str) -> None:
     # an email's window, and logins for random emails cannot fill the table.
     db.execute("DELETE FROM login_attempt WHERE window_start <= ?", (now - window,))
     # One statement counts and reads: concurrent attempts each see their own number.
-    # The first attempt inserts a row (attempts is 1, schema.sql's default) and its
-    # window starts now; each later one finds that row and adds 1 to attempts.
+    # The first attempt inserts a row, and its window starts now; each later one
+    # finds that row and adds 1. (Only the DELETE above ends a window.)
     count_attempt = """
-        INSERT INTO login_attempt (email, window_start)
-        VALUES (?, ?)
+        INSERT INTO login_attempt (email, attempts, window_start)
+        VALUES (?, 1, ?)
         ON CONFLICT (email) DO UPDATE SET attempts = attempts + 1
         RETURNING attempts, window_start
     """
@@ -302,14 +305,14 @@ def invalid_token() -> HTTPException:
 def read_token(token: str, key: str) -> tuple[int, int]:
     """Return the user id and token version a valid token names, or answer 401."""
     try:
-        # Naming the algorithm refuses "alg: none" and tokens signed any other way.
         options = {"require": ["exp", "sub", "ver"]}
+        # Naming the algorithm refuses "alg: none" and tokens signed any other way.
         claims = jwt.decode(token, key, algorithms=["HS256"], options=options)
         user_id, version = int(claims["sub"]), claims["ver"]
     except (jwt.InvalidTokenError, ValueError, TypeError):
         raise invalid_token() from None
-    # Checked though we signed it, in case the key ever leaks: whole numbers only, in
-    # SQLite's range (sqlite3 would fail on a larger one, a 500).
+    # Whole numbers in SQLite's range only, though we signed them: sqlite3 would fail
+    # on anything else, and a bad token must get a 401, never a 500.
     if type(version) is not int:
         raise invalid_token()
     if not (0 < user_id <= MAX_ID and 0 <= version <= MAX_ID):
@@ -334,7 +337,7 @@ def find_token_user(
 
 def get_current_user(token: BearerToken, request: Request, db: DB) -> dict:
     """Return the user a valid, unrevoked token names."""
-    # The key lifespan settled at startup, from the settings or the database.
+    # The key that lifespan (the last section) settled at startup.
     user_id, version = read_token(token, request.app.state.signing_key)
     return find_token_user(db, user_id, version, USER_COLUMNS)
 
@@ -350,8 +353,8 @@ def iso_date_text(value: Any) -> Any:
     raise ValueError("Input should be a date as a YYYY-MM-DD string")
 
 
-# For the OpenAPI schema only (normalize_email does the checking): the `email`
-# format, and the special-use domains (.test, .localhost, ...) that are refused.
+# For the OpenAPI schema only, skippable like the _DOCS (normalize_email does the
+# checking): the `email` format, and that special-use domains (.test, ...) are not.
 SPECIAL_USE = rf"\.({'|'.join(SPECIAL_USE_DOMAIN_NAMES)})$"
 EMAIL_SCHEMA = {"format": "email", "not": {"pattern": SPECIAL_USE}}
 Email = Annotated[
@@ -442,6 +445,9 @@ class Task(BaseModel):
 
 
 # The task queries read exactly the fields Task shows: the list follows the model.
+# To add a task field: a column in schema.sql (and a new user_version there), the
+# field in TaskCreate, TaskUpdate and Task, then the INSERT in add_task and the
+# UPDATE in update_task.
 TASK_COLUMNS = ", ".join(Task.model_fields)
 TaskList = TypeAdapter(list[Task])  # checks a list of tasks and writes it as JSON
 
@@ -516,7 +522,7 @@ async def refuse_large_body(request: Request) -> None:
         raise HTTPException(413, "Content Too Large")
 
 
-READS_NO_BODY = [Depends(refuse_large_body)]  # the dependencies of such a route
+REFUSE_LARGE_BODY = [Depends(refuse_large_body)]  # for a route's dependencies=
 
 
 @health_routes.get("/health")
@@ -607,7 +613,10 @@ def check_login(email: str, password: str) -> dict:
 
 
 @auth_routes.post(
-    "/logout", status_code=204, responses=UNAUTHORIZED_DOCS, dependencies=READS_NO_BODY
+    "/logout",
+    status_code=204,
+    responses=UNAUTHORIZED_DOCS,
+    dependencies=REFUSE_LARGE_BODY,
 )
 def logout(user: CurrentUser, db: DB) -> None:
     """Log out everywhere: every token of the caller issued until now is refused."""
@@ -660,7 +669,7 @@ def store_password(user_id: int, version: int, change: PasswordChange) -> int:
         return changed["token_version"]
 
 
-@user_routes.delete("", status_code=204, dependencies=READS_NO_BODY)
+@user_routes.delete("", status_code=204, dependencies=REFUSE_LARGE_BODY)
 def delete_me(user: CurrentUser, db: DB) -> None:
     """Delete the account and, through the foreign key, all of its tasks."""
     db.execute("DELETE FROM user WHERE id = ?", (user["id"],))
@@ -686,8 +695,9 @@ def list_tasks(
         LIMIT ? OFFSET ?
     """
     tasks = db.execute(query, (user["id"], done, limit, offset)).fetchall()
-    # Validated and serialised here, in this thread: FastAPI would validate the
-    # return value in a second thread-pool call. response_model is for /docs only.
+    # A speed-up for the busiest route: validated and written as JSON here, in this
+    # thread, where FastAPI would check the return value in a second thread-pool
+    # call. So response_model above only tells /docs what this returns.
     body = TaskList.dump_json(TaskList.validate_python(tasks))
     return Response(body, media_type=JSON)
 
@@ -729,7 +739,10 @@ def replace_task(task_id: TaskId, task: TaskCreate, user: CurrentUser, db: DB) -
 
 
 @task_routes.delete(
-    "/{task_id}", status_code=204, responses=NOT_FOUND_DOCS, dependencies=READS_NO_BODY
+    "/{task_id}",
+    status_code=204,
+    responses=NOT_FOUND_DOCS,
+    dependencies=REFUSE_LARGE_BODY,
 )
 def delete_task(task_id: TaskId, user: CurrentUser, db: DB) -> None:
     """Delete one of the caller's tasks."""
@@ -803,7 +816,7 @@ async def invalid_request(request: Request, error: RequestValidationError) -> Re
 
 async def database_unavailable(request: Request, error: sqlite3.Error) -> Response:
     """Answer 503, not 500, when SQLite cannot answer: a broken file, a full disk."""
-    logger.error("Database error: %s", error)
+    logger.error("Database error: %s", error, exc_info=error)
     return JSONResponse({"detail": "Database unavailable"}, 503)
 
 
