@@ -191,8 +191,9 @@ async def get_db() -> AsyncIterator[sqlite3.Connection]:
 
 
 # FastAPI runs a dependency once per request, so every DB of a request, the current
-# user's included, is one connection. Every write commits as it runs, before the
-# route returns: FastAPI may run get_db's cleanup after the answer is sent.
+# user's included, is one connection. Nothing is left for get_db's cleanup to
+# commit, as FastAPI may run it after the answer is sent: every write commits as it
+# runs (autocommit, see connect), before the route returns.
 DB = Annotated[sqlite3.Connection, Depends(get_db)]
 
 
@@ -426,9 +427,9 @@ class TaskCreate(BaseModel):
 class TaskUpdate(BaseModel):
     """The fields to change; the ones left out keep their value."""
 
-    # A default is never validated, so title and done may be left out, while a
-    # null sent for them is refused, as the OpenAPI schema shows. edit_task passes
-    # on only the fields that were sent (exclude_unset).
+    # Typed str and bool, not "| None", on purpose: a default is never validated,
+    # so title and done may be left out, while a null sent for them is refused.
+    # edit_task passes on only the fields that were sent (exclude_unset).
     title: Title = None
     done: StrictBool = None
     description: Description | None = None
@@ -449,7 +450,7 @@ class Task(BaseModel):
 # field in TaskCreate, TaskUpdate and Task, then the INSERT in add_task and the
 # UPDATE in update_task.
 TASK_COLUMNS = ", ".join(Task.model_fields)
-TaskList = TypeAdapter(list[Task])  # checks a list of tasks and writes it as JSON
+TaskList = TypeAdapter(list[Task])  # list_tasks checks and writes its list with it
 
 
 class Message(BaseModel):
@@ -515,8 +516,8 @@ task_routes = APIRouter(prefix="/tasks", tags=["tasks"], responses=UNAUTHORIZED_
 
 async def refuse_large_body(request: Request) -> None:
     """Answer 413 before a route that reads no body runs, if one over the limit came."""
-    # FastAPI's max_body_size answers 413 as a body is read, but a route that never
-    # reads its body (logout, a delete) would have done its work by then.
+    # The app's max_body_size (a FastAPI setting, see `app` at the end) answers 413
+    # as a body is read; a route that never reads its body would never get it.
     declared = request.headers.get("content-length", "")
     if declared.isdecimal() and int(declared) > MAX_BODY_SIZE:
         raise HTTPException(413, "Content Too Large")
