@@ -24,6 +24,7 @@ Five things FastAPI does that the code relies on:
 - A dependency that yields runs up to the yield before the route, the rest after.
 - A route's return annotation is its response model: what it returns is checked
   and written as that model, so a field the model lacks never leaves the server.
+  (A route that returns a Response itself skips this: list_tasks does, for speed.)
 - A `response: Response` parameter lets a route set headers on its answer.
 """
 
@@ -370,7 +371,7 @@ Password = Annotated[
 
 def strip_title(title: str) -> str:
     """Trim a title, and refuse one that trimming leaves empty."""
-    # The OpenAPI pattern already refuses "   ", but strip() also removes a few
+    # Title's pattern (below) refuses "   ", but strip() also removes a few
     # characters that the pattern counts as visible, such as "\x1f".
     if not title.strip():
         raise ValueError("Title must not be blank")
@@ -446,9 +447,10 @@ class Task(BaseModel):
 
 
 # The task queries read exactly the fields Task shows: the list follows the model.
-# To add a task field: a column in schema.sql (and a new user_version there), the
-# field in TaskCreate, TaskUpdate and Task, then the INSERT in add_task and the
-# UPDATE in update_task.
+# To add a task field: a column in schema.sql, the field in TaskCreate, TaskUpdate
+# and Task, then the INSERT in add_task and the UPDATE in update_task. Raise the
+# user_version in schema.sql too: IF NOT EXISTS never adds a column to an existing
+# file, and apply_schema then refuses older files (the README: Migrations).
 TASK_COLUMNS = ", ".join(Task.model_fields)
 TaskList = TypeAdapter(list[Task])  # list_tasks checks and writes its list with it
 
@@ -515,7 +517,7 @@ task_routes = APIRouter(prefix="/tasks", tags=["tasks"], responses=UNAUTHORIZED_
 
 
 async def refuse_large_body(request: Request) -> None:
-    """Answer 413 before a route that reads no body runs, if one over the limit came."""
+    """Answer 413 before logout or a delete runs, if a body over the limit came."""
     # The app's max_body_size (a FastAPI setting, see `app` at the end) answers 413
     # as a body is read; a route that never reads its body would never get it.
     declared = request.headers.get("content-length", "")
