@@ -373,9 +373,10 @@ def strip_title(title: str) -> str:
     """Trim a title, and refuse one that trimming leaves empty."""
     # Title's pattern (below) refuses "   ", but strip() also removes a few
     # characters that the pattern counts as visible, such as "\x1f".
-    if not title.strip():
+    trimmed = title.strip()
+    if not trimmed:
         raise ValueError("Title must not be blank")
-    return title.strip()
+    return trimmed
 
 
 # At most 200 characters as sent, not blank, and stored trimmed.
