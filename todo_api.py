@@ -12,9 +12,11 @@ Three ideas carry it:
 It reads in the order its data travels: settings, the database, passwords and
 tokens, the login rate limit, the current user, the models, what the routes answer,
 the routes (each with the work it hands to a thread right below it), what the routes
-share, and the app. "What the routes answer" only shapes /docs: skip it on a first
-read, with every name ending in _DOCS and the response_model, openapi_extra and
-include_in_schema arguments.
+share, and the app. Two things a first read may skip:
+- "What the routes answer", every name ending in _DOCS and the response_model,
+  openapi_extra and include_in_schema arguments: they only shape /docs.
+- Comments that start with "Edge case:": each says why odd or hostile input (a lone
+  surrogate, a huge number) cannot hurt, and a test pins it.
 
 Five things FastAPI does that the code relies on:
 - It runs a plain `def` route or dependency in a worker thread, an `async def` one
@@ -98,8 +100,8 @@ class Settings(BaseSettings):
     bcrypt_rounds: int = Field(12, ge=4, le=31)
     login_attempts: int = Field(10, ge=1)
     login_window_seconds: int = Field(900, ge=1)
-    # pydantic-settings reads a list only as JSON; NoDecode hands the text as it is
-    # to split_origins, which also reads "a,b".
+    # pydantic-settings would parse a list setting as JSON only; NoDecode passes the
+    # text as it is to split_origins, which reads a JSON list or "a,b".
     cors_origins: Annotated[list[str], NoDecode] = []
 
     @field_validator("secret_key")
@@ -165,14 +167,13 @@ def connect() -> sqlite3.Connection:
     return connection
 
 
-# The pool. A request to GET /tasks, say: get_db takes one of the 40 slots (or waits
-# for one), pops an open connection from idle_connections (or opens one), and lends
-# it; the route runs on one of AnyIO's 40 worker threads with it; afterwards get_db
-# puts it back in the list and frees the slot. get_db is async, so it runs on the
-# event loop one step at a time, and the list needs no lock. (fast_acquire: a free
-# slot is taken at once, without first letting other tasks run.) The three bcrypt
-# routes borrow nothing here: their work opens a connection of its own.
+# The pool: at most 40 connections lent at once, one per worker thread. For each
+# request get_db waits for a free slot, reuses an idle connection or opens one, lends
+# it, then takes it back. get_db is async: it runs on the event loop, which does one
+# thing at a time, so the list needs no lock. The three bcrypt routes do not use the
+# pool: their work opens a connection of its own.
 idle_connections: list[sqlite3.Connection] = []
+# fast_acquire: a free slot is taken at once, without first yielding to other tasks.
 connection_slots = Semaphore(MAX_CONNECTIONS, fast_acquire=True)
 
 
@@ -191,10 +192,9 @@ async def get_db() -> AsyncIterator[sqlite3.Connection]:
             idle_connections.append(connection)
 
 
-# FastAPI runs a dependency once per request, so every DB of a request, the current
-# user's included, is one connection. Nothing is left for get_db's cleanup to
-# commit, as FastAPI may run it after the answer is sent: every write commits as it
-# runs (autocommit, see connect), before the route returns.
+# FastAPI calls get_db once per request, so a route and its CurrentUser share one
+# connection. Every write commits as it runs (autocommit, see connect), never in
+# get_db's cleanup, which FastAPI may run after the answer is sent.
 DB = Annotated[sqlite3.Connection, Depends(get_db)]
 
 
@@ -206,9 +206,8 @@ if hasattr(os, "sched_getaffinity"):
     CPU_CORES = len(os.sched_getaffinity(0))  # the cores this process may use
 else:
     CPU_CORES = os.cpu_count() or 1
-# bcrypt runs at most once per core. Work waiting for a core holds no thread and no
-# connection, and each that runs opens one: at most 40 + CPU_CORES connections in all.
-# (A CapacityLimiter, not a Semaphore as in the pool: it is what to_thread takes.)
+# bcrypt runs at most once per core (to_thread takes a CapacityLimiter for this).
+# Work waiting for a core holds no thread and no connection; work that runs opens one.
 password_slots = CapacityLimiter(CPU_CORES)
 
 
@@ -221,10 +220,10 @@ def prehash(password: str) -> bytes:
     """Reduce any password to 44 bytes: bcrypt 5 refuses over 72, and nothing is cut."""
     # NFKC: the same password typed on another keyboard is the same password.
     text = unicodedata.normalize("NFKC", password)
-    # surrogatepass: even a lone surrogate, which UTF-8 cannot encode and a form
-    # login can carry, is hashed, never a 500.
+    # Edge case: surrogatepass hashes even a lone surrogate, which UTF-8 cannot
+    # encode and a form login can carry, instead of failing with a 500.
     digest = hmac.digest(PREHASH_KEY, text.encode(errors="surrogatepass"), "sha256")
-    # 32 bytes, as 44 printable ones: some bcrypt libraries stop at a NUL byte.
+    # Edge case: 44 printable bytes, as some bcrypt libraries stop at a NUL byte.
     return base64.b64encode(digest)
 
 
@@ -266,12 +265,12 @@ def count_login_attempt(db: sqlite3.Connection, email: str) -> None:
     """Count one password check for an email, or answer 429 once too many were made."""
     now = time.time()
     window = settings.login_window_seconds
-    # Counts whose window has passed are deleted whenever one is written: that ends
-    # an email's window, and logins for random emails cannot fill the table.
+    # A fixed window per email. Rows whose window has passed are deleted first: that
+    # is what ends a window, and logins for random emails cannot fill the table.
+    # Then one statement inserts a row (1 attempt, its window starting now) or adds 1
+    # to the existing one, and returns the count: concurrent attempts each see their
+    # own number.
     db.execute("DELETE FROM login_attempt WHERE window_start <= ?", (now - window,))
-    # One statement counts and reads: concurrent attempts each see their own number.
-    # The first attempt inserts a row, and its window starts now; each later one
-    # finds that row and adds 1. (Only the DELETE above ends a window.)
     count_attempt = """
         INSERT INTO login_attempt (email, attempts, window_start)
         VALUES (?, 1, ?)
@@ -313,8 +312,9 @@ def read_token(token: str, key: str) -> tuple[int, int]:
         user_id, version = int(claims["sub"]), claims["ver"]
     except (jwt.InvalidTokenError, ValueError, TypeError):
         raise invalid_token() from None
-    # Whole numbers in SQLite's range only, though we signed them: sqlite3 would fail
-    # on anything else, and a bad token must get a 401, never a 500.
+    # Edge case: only a leaked key could sign a `ver` that is not a whole number in
+    # SQLite's range, but sqlite3 would fail on it with a 500. type(), not isinstance():
+    # a bool is an int too.
     if type(version) is not int:
         raise invalid_token()
     if not (0 < user_id <= MAX_ID and 0 <= version <= MAX_ID):
@@ -355,8 +355,8 @@ def iso_date_text(value: Any) -> Any:
     raise ValueError("Input should be a date as a YYYY-MM-DD string")
 
 
-# For the OpenAPI schema only, skippable like the _DOCS (normalize_email does the
-# checking): the `email` format, and that special-use domains (.test, ...) are not.
+# For /docs only, skippable like the _DOCS (normalize_email does the checking): the
+# field is an email, and one at a special-use domain (.test, ...) is refused.
 SPECIAL_USE = rf"\.({'|'.join(SPECIAL_USE_DOMAIN_NAMES)})$"
 EMAIL_SCHEMA = {"format": "email", "not": {"pattern": SPECIAL_USE}}
 Email = Annotated[
@@ -371,8 +371,8 @@ Password = Annotated[
 
 def strip_title(title: str) -> str:
     """Trim a title, and refuse one that trimming leaves empty."""
-    # Title's pattern (below) refuses "   ", but strip() also removes a few
-    # characters that the pattern counts as visible, such as "\x1f".
+    # Edge case: Title's pattern (below) refuses "   ", but strip() also removes a
+    # few characters that the pattern counts as visible, such as "\x1f".
     trimmed = title.strip()
     if not trimmed:
         raise ValueError("Title must not be blank")
@@ -429,9 +429,9 @@ class TaskCreate(BaseModel):
 class TaskUpdate(BaseModel):
     """The fields to change; the ones left out keep their value."""
 
-    # Typed str and bool, not "| None", on purpose: a default is never validated,
-    # so title and done may be left out, while a null sent for them is refused.
-    # edit_task passes on only the fields that were sent (exclude_unset).
+    # title and done may be left out, but not sent as null. So they are typed str and
+    # bool, not "| None": a null that is sent is validated, and refused, while the
+    # default None never is. edit_task passes on only the fields sent (exclude_unset).
     title: Title = None
     done: StrictBool = None
     description: Description | None = None
@@ -509,6 +509,7 @@ APP_DOCS = {
 
 
 # --- Routes ------------------------------------------------------------------
+# What several routes share (token_answer, find_task, update_task) follows them.
 MAX_BODY_SIZE = 64 * 1024  # bytes: tasks and logins are small, and memory stays flat
 
 health_routes = APIRouter(tags=["health"])
@@ -519,8 +520,8 @@ task_routes = APIRouter(prefix="/tasks", tags=["tasks"], responses=UNAUTHORIZED_
 
 async def refuse_large_body(request: Request) -> None:
     """Answer 413 before logout or a delete runs, if a body over the limit came."""
-    # The app's max_body_size (a FastAPI setting, see `app` at the end) answers 413
-    # as a body is read; a route that never reads its body would never get it.
+    # Edge case: the app's max_body_size (see `app` at the end) answers 413 as a body
+    # is read, so a route that never reads its body needs this to answer it too.
     declared = request.headers.get("content-length", "")
     if declared.isdecimal() and int(declared) > MAX_BODY_SIZE:
         raise HTTPException(413, "Content Too Large")
@@ -610,7 +611,8 @@ def check_login(email: str, password: str) -> dict:
             stored_hash = user["password_hash"]
         else:  # an unknown email is checked too, so that it takes as long
             stored_hash = dummy_hash(settings.bcrypt_rounds)
-        if not verify_password(password, stored_hash) or user is None:
+        password_is_right = verify_password(password, stored_hash)
+        if user is None or not password_is_right:
             raise HTTPException(401, INCORRECT_LOGIN, headers=BEARER_HEADERS)
         clear_login_attempts(db, email)
         return user
@@ -800,7 +802,8 @@ def update_task(
     # block, or rolls back on an error, autocommit connection or not.
     with db:
         db.execute("BEGIN IMMEDIATE")
-        # The stored task, id included, with the changes laid over it.
+        # The stored task with the changes laid over it. find_task checked the owner,
+        # so the UPDATE needs only the id; it ignores names it does not use.
         task = find_task(db, task_id, owner_id) | changes
         return db.execute(update, task).fetchone()
 
@@ -812,8 +815,8 @@ async def invalid_request(request: Request, error: RequestValidationError) -> Re
         {name: value for name, value in problem.items() if name != "input"}
         for problem in error.errors()
     ]
-    # json.dumps escapes what is not ASCII, so even a lone surrogate in a message is
-    # sent (JSONResponse would fail on it); default=str writes the exceptions in ctx.
+    # Edge case: json.dumps escapes what is not ASCII, so even a lone surrogate in a
+    # message is sent (JSONResponse fails on it); default=str writes ctx's exceptions.
     body = json.dumps({"detail": problems}, default=str)
     return Response(body, 422, media_type=JSON)
 
