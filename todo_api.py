@@ -167,13 +167,16 @@ def connect() -> sqlite3.Connection:
     return connection
 
 
-# The pool: at most 40 connections lent at once, one per worker thread. For each
-# request get_db waits for a free slot, reuses an idle connection or opens one, lends
-# it, then takes it back. get_db is async: it runs on the event loop, which does one
-# thing at a time, so the list needs no lock. The three bcrypt routes do not use the
+# The pool. For each request get_db (1) waits for one of 40 slots, one per worker
+# thread; (2) reuses an idle connection or opens one; (3) lends it to the route and
+# its CurrentUser, as FastAPI calls get_db once per request; (4) rolls back anything
+# left unfinished and keeps it for the next request. Step 4 may run after the answer
+# is sent, so nothing is committed there: every write commits as it runs
+# (autocommit, see connect). get_db is async, so it runs on the event loop, one step
+# at a time, and the list needs no lock. The three bcrypt routes do not use the
 # pool: their work opens a connection of its own.
 idle_connections: list[sqlite3.Connection] = []
-# fast_acquire: a free slot is taken at once, without first yielding to other tasks.
+# fast_acquire: a free slot is taken without first yielding to other tasks.
 connection_slots = Semaphore(MAX_CONNECTIONS, fast_acquire=True)
 
 
@@ -192,9 +195,6 @@ async def get_db() -> AsyncIterator[sqlite3.Connection]:
             idle_connections.append(connection)
 
 
-# FastAPI calls get_db once per request, so a route and its CurrentUser share one
-# connection. Every write commits as it runs (autocommit, see connect), never in
-# get_db's cleanup, which FastAPI may run after the answer is sent.
 DB = Annotated[sqlite3.Connection, Depends(get_db)]
 
 
@@ -355,13 +355,13 @@ def iso_date_text(value: Any) -> Any:
     raise ValueError("Input should be a date as a YYYY-MM-DD string")
 
 
-# For /docs only, skippable like the _DOCS (normalize_email does the checking): the
-# field is an email, and one at a special-use domain (.test, ...) is refused.
-SPECIAL_USE = rf"\.({'|'.join(SPECIAL_USE_DOMAIN_NAMES)})$"
-EMAIL_SCHEMA = {"format": "email", "not": {"pattern": SPECIAL_USE}}
+# For /docs only (normalize_email does the checking): the field is an email, and one
+# at a special-use domain (.test, ...) is refused.
+SPECIAL_USE_DOCS = rf"\.({'|'.join(SPECIAL_USE_DOMAIN_NAMES)})$"
+EMAIL_DOCS = {"format": "email", "not": {"pattern": SPECIAL_USE_DOCS}}
 Email = Annotated[
     str,
-    Field(max_length=254, json_schema_extra=EMAIL_SCHEMA),
+    Field(max_length=254, json_schema_extra=EMAIL_DOCS),
     AfterValidator(normalize_email),
 ]
 Password = Annotated[
@@ -429,9 +429,11 @@ class TaskCreate(BaseModel):
 class TaskUpdate(BaseModel):
     """The fields to change; the ones left out keep their value."""
 
-    # title and done may be left out, but not sent as null. So they are typed str and
-    # bool, not "| None": a null that is sent is validated, and refused, while the
-    # default None never is. edit_task passes on only the fields sent (exclude_unset).
+    # Left out and sent as null differ here; edit_task passes on only the fields sent
+    # (exclude_unset). A new field takes one of the two patterns:
+    # - title, done: `= None` only means "not sent", as pydantic never validates a
+    #   default; a null that is sent fails the str or bool type: 422.
+    # - description, due_date: `| None`, so a null that is sent clears them.
     title: Title = None
     done: StrictBool = None
     description: Description | None = None
@@ -681,7 +683,11 @@ def delete_me(user: CurrentUser, db: DB) -> None:
     db.execute("DELETE FROM user WHERE id = ?", (user["id"],))
 
 
-# The list and the new task answer at /tasks and /tasks/ alike, with no redirect.
+# The list and the new task answer at /tasks and /tasks/ alike, with no redirect;
+# the second decorator is hidden from /docs. Unlike the other routes, list_tasks
+# checks and writes its JSON itself, with TaskList, in its own thread: FastAPI would
+# check the return value in a second thread-pool call, and this is the busiest
+# route. So its response_model only tells /docs what it returns.
 @task_routes.get("", response_model=list[Task])
 @task_routes.get("/", response_model=list[Task], include_in_schema=False)
 def list_tasks(
@@ -701,9 +707,6 @@ def list_tasks(
         LIMIT ? OFFSET ?
     """
     tasks = db.execute(query, (user["id"], done, limit, offset)).fetchall()
-    # A speed-up for the busiest route: validated and written as JSON here, in this
-    # thread, where FastAPI would check the return value in a second thread-pool
-    # call. So response_model above only tells /docs what this returns.
     body = TaskList.dump_json(TaskList.validate_python(tasks))
     return Response(body, media_type=JSON)
 
@@ -796,14 +799,15 @@ def update_task(
         WHERE id = :id
         RETURNING {TASK_COLUMNS}
     """
-    # BEGIN IMMEDIATE opens a transaction holding the write lock, so no other write
-    # slips between our read and our write: two PATCHes cannot lose each other's
-    # fields, and a delete cannot come between. `with db:` commits at the end of the
-    # block, or rolls back on an error, autocommit connection or not.
+    # One transaction, so two PATCHes cannot lose each other's fields, and a delete
+    # cannot come between the read and the write. On this autocommit connection:
+    # 1. BEGIN IMMEDIATE starts a transaction holding the write lock before we read;
+    #    other writers wait.
+    # 2. find_task reads the task and checks the owner; the changes go over it.
+    # 3. The UPDATE writes every field back by :id (sqlite3 ignores unused names).
+    # `with db:` commits when the block ends, or rolls back on an error.
     with db:
         db.execute("BEGIN IMMEDIATE")
-        # The stored task with the changes laid over it. find_task checked the owner,
-        # so the UPDATE needs only the id; it ignores names it does not use.
         task = find_task(db, task_id, owner_id) | changes
         return db.execute(update, task).fetchone()
 
