@@ -1,6 +1,7 @@
 -- The Todo API's tables, applied on every start: IF NOT EXISTS keeps the data.
--- AUTOINCREMENT never hands out an id twice, so a deleted user's token stays dead.
--- One transaction, so a file has either all of this version or none of it.
+-- AUTOINCREMENT never hands out an id twice. A token names its user's id, so a
+-- deleted user's token can never name someone who registers later.
+-- BEGIN ... COMMIT: one transaction, so a file gets all of this or none of it.
 
 BEGIN IMMEDIATE;
 
@@ -20,7 +21,8 @@ CREATE TABLE IF NOT EXISTS task (
   title TEXT NOT NULL,
   description TEXT,
   done INTEGER NOT NULL DEFAULT 0 CHECK (done IN (0, 1)),
-  -- date() gives back only a real YYYY-MM-DD date as it was; IS lets NULL through.
+  -- date('2026-02-30') is NULL, date('2026-12-01') is '2026-12-01': only a real
+  -- YYYY-MM-DD date equals its date(). IS, unlike =, lets a NULL due_date through.
   due_date TEXT CHECK (due_date IS date(due_date)),
   created_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
 );

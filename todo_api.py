@@ -99,7 +99,9 @@ SCHEMA = pathlib.Path(__file__).with_name("schema.sql").read_text()
 # The version schema.sql gives a database file, read from schema.sql itself.
 SCHEMA_VERSION = int(re.search(r"PRAGMA user_version = ([0-9]+)", SCHEMA)[1])
 MAX_ID = 2**63 - 1  # SQLite's largest integer
-USER_COLUMNS = "id, email, created_at"  # what a user sees of their account
+# What a user sees of their account. Column lists like this one are constants that
+# f-strings write into the SQL; values a client sends only ever go through `?`.
+USER_COLUMNS = "id, email, created_at"
 
 
 def row_as_dict(cursor: sqlite3.Cursor, row: tuple) -> dict[str, Any]:
@@ -114,7 +116,7 @@ def connect() -> sqlite3.Connection:
         settings.database_path,
         timeout=30,  # a writer waits up to 30 s for another to finish, not fails
         isolation_level=None,  # autocommit: each statement is saved as it runs
-        check_same_thread=False,  # a request's steps may run on different threads
+        check_same_thread=False,  # lent to one thread after another, one at a time
     )
     connection.row_factory = row_as_dict
     connection.execute("PRAGMA foreign_keys = ON")  # off by default; cascades deletes
@@ -126,9 +128,10 @@ def connect() -> sqlite3.Connection:
 
 
 # The pool. Opening a connection costs far more than a query, so connections are
-# kept and lent again. FastAPI runs sync routes on at most 40 threads, so 40
-# connections are enough; a request that finds all 40 lent waits in get_db, which
-# is async: it waits on the event loop, holding no thread, and needs no lock.
+# kept and lent again. FastAPI runs `def` routes on AnyIO's worker threads, 40 at
+# most, so 40 connections are enough. get_db is async, so it runs on the event
+# loop: a request that finds all 40 lent waits there without holding a thread, and
+# the list needs no lock, as only the event loop touches it.
 MAX_CONNECTIONS = 40
 idle_connections: list[sqlite3.Connection] = []
 connection_slots = Semaphore(MAX_CONNECTIONS)
@@ -173,9 +176,9 @@ def apply_schema(db: sqlite3.Connection) -> None:
 
 # --- Passwords and tokens ----------------------------------------------------
 # bcrypt reads at most 72 bytes (bcrypt 5 refuses more), so each password is first
-# reduced to 44 bytes with HMAC-SHA256. The key is not a secret: it only makes our
-# prehash differ from a plain SHA-256, so that unsalted SHA-256 hashes leaked by
-# other sites cannot be tried against ours ("hash shucking").
+# reduced to 44 bytes: its HMAC-SHA256 digest (32 bytes), in base64. HMAC with a
+# public key, not plain SHA-256: a plain SHA-256 leaked by another site could then
+# be tried directly against our bcrypt hashes, without knowing the password.
 PREHASH_KEY = b"todo-api password v1"
 
 
@@ -197,14 +200,16 @@ def verify_password(password: str, password_hash: bytes) -> bool:
     return bcrypt.checkpw(prehash(password), password_hash)
 
 
-# Checked when an email has no account, so that it takes as long as a known one.
+# Checked when an email has no account, so that it takes as long as a known one:
+# otherwise a quick 401 would tell anyone which emails have an account.
 DUMMY_HASH = hash_password("no account has this password")
 
 # One bcrypt check keeps a core busy for a quarter of a second. Without a bound,
 # 200 logins would take all 40 threads and connections, and every other request
-# would wait behind them. So the password routes declare wait_for_a_core: FastAPI
-# runs a route's `dependencies=[...]` first, so the request waits here, on the
-# event loop, before it takes a thread or a connection.
+# would wait behind them. So register, login and change_password (below) declare
+# `dependencies=[Depends(wait_for_a_core)]`, which FastAPI solves before anything
+# else: the request waits here, on the event loop, before it takes a thread or a
+# connection. At most 8, so the other routes always keep most of the 40 threads.
 password_slots = Semaphore(min(os.cpu_count() or 1, 8))
 
 
@@ -215,7 +220,7 @@ async def wait_for_a_core() -> AsyncIterator[None]:
 
 
 def signing_key(db: sqlite3.Connection) -> str:
-    """Return APP_SECRET_KEY, or else the key kept in the database."""
+    """Return APP_SECRET_KEY, or else the key kept in the database (at startup)."""
     key = settings.secret_key.get_secret_value()
     if key:
         return key
@@ -280,7 +285,7 @@ def get_current_user(
     token: Annotated[str, Depends(oauth2_scheme)], request: Request, db: DB
 ) -> dict:
     """Return the user a valid token names, unless it was revoked since."""
-    key = request.app.state.signing_key  # from signing_key(), kept at startup
+    key = request.app.state.signing_key  # signing_key()'s, kept by lifespan (below)
     try:
         # Naming the algorithm refuses "alg: none" and tokens signed any other way.
         options = {"require": ["exp", "sub", "ver"]}
@@ -293,7 +298,7 @@ def get_current_user(
         FROM user
         WHERE id = ? AND token_version = ?
     """
-    user = db.execute(query, (claims["sub"], claims["ver"])).fetchone()
+    user = db.execute(query, (int(claims["sub"]), claims["ver"])).fetchone()
     if user is None:  # deleted, or the token's version is an old one
         raise invalid_token()
     return user
@@ -365,7 +370,7 @@ class TaskCreate(BaseModel):
 
 
 class TaskUpdate(BaseModel):
-    """The fields to change: one left out, or sent as null, keeps its value."""
+    """The fields to change: one left out, or null, keeps its value (PUT clears)."""
 
     title: Title | None = None
     description: Description | None = None
@@ -383,9 +388,10 @@ class Task(BaseModel):
 
 
 # The columns the task queries read: exactly Task's fields. To add a task field:
-# its column in schema.sql (and raise user_version there: IF NOT EXISTS never adds
-# a column to an existing table), the field in TaskCreate, TaskUpdate and Task,
-# then the INSERT in add_task and the UPDATEs in edit_task and replace_task.
+# its column in schema.sql, the field in TaskCreate, TaskUpdate and Task, then the
+# INSERT in add_task and the UPDATEs in edit_task and replace_task. Raise
+# user_version in schema.sql too: IF NOT EXISTS never adds a column to an existing
+# table, so an old todo.db is then refused and has to be moved away.
 TASK_COLUMNS = ", ".join(Task.model_fields)
 
 
@@ -469,7 +475,8 @@ def login(
     except EmailNotValidError:  # no account can have it: nothing to check or count
         raise HTTPException(401, INCORRECT_LOGIN, headers=BEARER) from None
     count_login_attempt(db, email)
-    # The version is read with the hash: a logout during the check revokes the token.
+    # The token gets the token_version read here, before bcrypt: if a logout raises
+    # it while bcrypt runs, the token this login returns is already revoked.
     query = """
         SELECT id, password_hash, token_version
         FROM user
@@ -660,7 +667,7 @@ async def database_unavailable(request: Request, error: sqlite3.Error) -> Respon
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     """Prepare the database and settle the signing key, serve, then close."""
     make_private(settings.database_path)
-    with closing(connect()) as db:
+    with closing(connect()) as db:  # a connection's own `with` would not close it
         apply_schema(db)
         app.state.signing_key = signing_key(db)
     yield
@@ -668,7 +675,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         idle_connections.pop().close()
 
 
-# Any route may answer these: FastAPI the first two itself, 413 as plain text.
+# Statuses any route may answer, for /docs. FastAPI sends the 400 and the 413 (in
+# plain text); database_unavailable sends the 503.
 PLAIN_TEXT = {"content": {"text/plain": {"schema": {"type": "string"}}}}
 ANY_ROUTE = {
     400: documented("The body is not valid UTF-8"),
