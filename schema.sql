@@ -2,6 +2,7 @@
 -- AUTOINCREMENT never hands out an id twice. A token names its user's id, so a
 -- deleted user's token can never name someone who registers later.
 -- BEGIN ... COMMIT: one transaction, so a file gets all of this or none of it.
+-- IMMEDIATE takes the write lock first: two processes starting at once take turns.
 
 BEGIN IMMEDIATE;
 
@@ -30,7 +31,8 @@ CREATE TABLE IF NOT EXISTS task (
 -- Every task query filters by owner; this index serves it in id order.
 CREATE INDEX IF NOT EXISTS task_owner_id ON task (owner_id, id);
 
--- The signing key made when APP_SECRET_KEY is unset: one row, shared by every worker.
+-- The signing key made when APP_SECRET_KEY is unset: one row, shared by every
+-- worker process.
 CREATE TABLE IF NOT EXISTS signing_key (
   id INTEGER PRIMARY KEY CHECK (id = 1),
   secret TEXT NOT NULL

@@ -11,7 +11,7 @@ Three ideas carry it:
 - A token names a user and the user's token_version. Logging out or changing the
   password raises the version, which revokes every older token at once.
 - Each password check is counted per email in the database before bcrypt runs, so
-  guessing is limited across workers and restarts.
+  guessing is limited across worker processes (`uvicorn --workers N`) and restarts.
 """
 
 import base64
@@ -116,7 +116,7 @@ def connect() -> sqlite3.Connection:
         settings.database_path,
         timeout=30,  # a writer waits up to 30 s for another to finish, not fails
         isolation_level=None,  # autocommit: each statement is saved as it runs
-        check_same_thread=False,  # lent to one thread after another, one at a time
+        check_same_thread=False,  # lent to one thread at a time, not always the same
     )
     connection.row_factory = row_as_dict
     connection.execute("PRAGMA foreign_keys = ON")  # off by default; cascades deletes
@@ -176,9 +176,11 @@ def apply_schema(db: sqlite3.Connection) -> None:
 
 # --- Passwords and tokens ----------------------------------------------------
 # bcrypt reads at most 72 bytes (bcrypt 5 refuses more), so each password is first
-# reduced to 44 bytes: its HMAC-SHA256 digest (32 bytes), in base64. HMAC with a
-# public key, not plain SHA-256: a plain SHA-256 leaked by another site could then
-# be tried directly against our bcrypt hashes, without knowing the password.
+# reduced to 44 bytes: its HMAC-SHA256 digest (32 bytes), in base64. Why HMAC, with
+# a fixed label that is no secret, rather than plain SHA-256: other sites leak
+# plain SHA-256 hashes of passwords. Had we fed bcrypt plain SHA-256, each leaked
+# hash could be tried against ours as it is, without cracking the password first;
+# the label makes what we feed bcrypt match no one else's.
 PREHASH_KEY = b"todo-api password v1"
 
 
@@ -224,7 +226,7 @@ def signing_key(db: sqlite3.Connection) -> str:
     key = settings.secret_key.get_secret_value()
     if key:
         return key
-    # The first worker ever to start stores its key; every other one reads it.
+    # The first worker process ever to start stores its key; every other reads it.
     insert = "INSERT OR IGNORE INTO signing_key (id, secret) VALUES (1, ?)"
     db.execute(insert, (secrets.token_urlsafe(32),))
     logger.warning("APP_SECRET_KEY unset: using the key kept in the database")
@@ -247,8 +249,9 @@ def count_login_attempt(db: sqlite3.Connection, email: str) -> None:
     """Count one password check for an email, or answer 429 once too many were made."""
     now = time.time()
     window = settings.login_window_seconds
-    # Deleting the rows whose window has passed ends those windows, and keeps
-    # logins for random emails from filling the table.
+    # A window starts at an email's first counted check and is never extended; it
+    # ends when this DELETE removes its row, which also keeps logins for random
+    # emails from filling the table.
     db.execute("DELETE FROM login_attempt WHERE window_start <= ?", (now - window,))
     # One statement: a new email gets a row (1 attempt, its window starting now);
     # a known one adds 1. Concurrent attempts each get their own count back.
@@ -382,7 +385,7 @@ class Task(BaseModel):
     id: int
     title: str
     description: str | None
-    done: bool
+    done: bool  # lax, unlike StrictBool: SQLite gives back 0 or 1
     due_date: date | None
     created_at: datetime
 
@@ -400,8 +403,10 @@ class Message(BaseModel):
 
 
 # --- Routes ------------------------------------------------------------------
+# For /docs only, changing nothing a route does: each route's `responses=` lists the
+# errors it may answer, each with a `{"detail": ...}` body (the Message model).
 def documented(description: str) -> dict:
-    """Describe an error answer for /docs: what it means, and its `detail` body."""
+    """Describe an error answer for /docs: what it means, and its body."""
     return {"model": Message, "description": description}
 
 
@@ -464,7 +469,7 @@ def token_answer(
     dependencies=[Depends(wait_for_a_core)],
 )
 def login(
-    form: Annotated[OAuth2PasswordRequestForm, Depends()],
+    form: Annotated[OAuth2PasswordRequestForm, Depends()],  # what Authorize sends
     db: DB,
     request: Request,
     response: Response,
@@ -476,7 +481,8 @@ def login(
         raise HTTPException(401, INCORRECT_LOGIN, headers=BEARER) from None
     count_login_attempt(db, email)
     # The token gets the token_version read here, before bcrypt: if a logout raises
-    # it while bcrypt runs, the token this login returns is already revoked.
+    # it while bcrypt runs, the token this login returns is already revoked, as a
+    # logout everywhere should end logins still in progress too.
     query = """
         SELECT id, password_hash, token_version
         FROM user
@@ -666,6 +672,7 @@ async def database_unavailable(request: Request, error: sqlite3.Error) -> Respon
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     """Prepare the database and settle the signing key, serve, then close."""
+    # Blocking calls are fine here: no request is served until this yields.
     make_private(settings.database_path)
     with closing(connect()) as db:  # a connection's own `with` would not close it
         apply_schema(db)
@@ -675,8 +682,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         idle_connections.pop().close()
 
 
-# Statuses any route may answer, for /docs. FastAPI sends the 400 and the 413 (in
-# plain text); database_unavailable sends the 503.
+# For /docs only: what any route may answer. FastAPI itself answers 400 to a body
+# that is not UTF-8 and 413 (in plain text) to one over max_body_size; 503 is
+# database_unavailable's.
 PLAIN_TEXT = {"content": {"text/plain": {"schema": {"type": "string"}}}}
 ANY_ROUTE = {
     400: documented("The body is not valid UTF-8"),
