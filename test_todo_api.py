@@ -1869,13 +1869,16 @@ def test_deleting_the_stored_key_ends_every_session(database, monkeypatch):
 
 
 @pytest.mark.parametrize("key", ["", SECRET], ids=["generated key", "key of its own"])
-def test_the_database_files_are_private_to_their_owner(tmp_path, key):
-    with real_server(tmp_path, APP_BCRYPT_ROUNDS="4", APP_SECRET_KEY=key) as base_url:
-        log_in_to(base_url)  # a write, so the -wal and -shm files exist
-        files = ["todo.db", "todo.db-wal", "todo.db-shm"]
-        assert {name: mode(tmp_path / name) for name in files} == dict.fromkeys(
-            files, 0o600
-        )
+def test_the_database_files_are_private_to_their_owner(database, monkeypatch, key):
+    monkeypatch.setattr(settings, "secret_key", SecretStr(key))
+    usual_umask = os.umask(0o022)  # files anyone may read, unless the app says not
+    try:
+        with TestClient(app) as client:
+            log_in(client)  # a write, so the -wal and -shm files exist
+            files = [database, f"{database}-wal", f"{database}-shm"]
+            assert [mode(name) for name in files] == [0o600] * 3
+    finally:
+        os.umask(usual_umask)
 
 
 def test_an_existing_database_is_made_private_at_startup(database):
