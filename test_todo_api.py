@@ -13,10 +13,9 @@ import stat
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from urllib.parse import urlencode
@@ -141,18 +140,7 @@ def is_utc_timestamp(text):
 JSON = {"content-type": "application/json"}
 
 
-FORM_HEADER = "Content-Type: application/x-www-form-urlencoded"
-
-
 FORM = {"content-type": "application/x-www-form-urlencoded"}
-
-
-NEW_PASSWORD = "a new and longer passphrase"
-
-
-def change_password(client, headers, current=PASSWORD, new=NEW_PASSWORD):
-    body = {"current_password": current, "new_password": new}
-    return client.put("/users/me/password", json=body, headers=headers)
 
 
 # Every way to reach one task by its id, with a body where the method takes one.
@@ -162,24 +150,6 @@ BY_ID = [
     ("PUT", {"title": "mine now"}),
     ("DELETE", None),
 ]
-
-
-# Each route's statuses, from the contract's table of endpoints.
-STATUSES = {
-    ("get", "/health"): {"200"},
-    ("post", "/auth/register"): {"201", "409", "422"},
-    ("post", "/auth/token"): {"200", "401", "422", "429"},
-    ("post", "/auth/logout"): {"204", "401"},
-    ("get", "/users/me"): {"200", "401"},
-    ("put", "/users/me/password"): {"200", "401", "403", "422", "429"},
-    ("delete", "/users/me"): {"204", "401"},
-    ("get", "/tasks"): {"200", "401", "422"},
-    ("post", "/tasks"): {"201", "401", "422"},
-    ("get", "/tasks/{task_id}"): {"200", "401", "404", "422"},
-    ("patch", "/tasks/{task_id}"): {"200", "401", "404", "422"},
-    ("put", "/tasks/{task_id}"): {"200", "401", "404", "422"},
-    ("delete", "/tasks/{task_id}"): {"204", "401", "404", "422"},
-}
 
 
 def operations(client):
@@ -397,18 +367,32 @@ def test_settings_out_of_range_stop_startup(monkeypatch, name, value):
 # --- Database ----------------------------------------------------------------
 
 
-def test_connections_are_reused_and_closed_on_shutdown(database):
+def count_connections(monkeypatch):
+    """Record every connection the app opens from now on, in the returned list."""
+    opened = []
+    connect = todo_api.connect
+
+    def counted_connect():
+        opened.append(connect())
+        return opened[-1]
+
+    monkeypatch.setattr(todo_api, "connect", counted_connect)
+    return opened
+
+
+def test_connections_are_opened_at_startup_reused_and_closed_on_shutdown(
+    database, monkeypatch
+):
+    opened = count_connections(monkeypatch)
     with TestClient(app) as client:
         headers = log_in(client)
         for _ in range(20):
             assert client.get("/tasks", headers=headers).status_code == 200
-        assert (
-            len(todo_api.idle_connections) == 1
-        )  # one request at a time needs one connection
-        connection = todo_api.idle_connections[0]
-    assert todo_api.idle_connections == []
-    with pytest.raises(sqlite3.ProgrammingError):
-        connection.execute("SELECT 1")
+        assert app.state.pool.qsize() == todo_api.MAX_CONNECTIONS == 40
+    assert len(opened) == 1 + 40  # the schema's own, then the pool's
+    for connection in opened:
+        with pytest.raises(sqlite3.ProgrammingError):
+            connection.execute("SELECT 1")
 
 
 def test_task_ids_are_never_reused(client, auth):
@@ -439,14 +423,35 @@ def test_concurrent_writers_all_succeed(client, auth, database):
     ).fetchone() == (80,)
 
 
-def test_database_connections_are_bounded_however_many_requests_arrive(client, auth):
+def test_database_connections_are_bounded_however_many_requests_arrive(
+    client, auth, monkeypatch
+):
+    opened = count_connections(monkeypatch)
+
     def read(_):
         return client.get("/tasks", headers=auth).status_code
 
     with ThreadPoolExecutor(100) as pool:
         statuses = list(pool.map(read, range(150)))
     assert statuses == [200] * 150
-    assert 1 <= len(todo_api.idle_connections) <= todo_api.MAX_CONNECTIONS == 40
+    assert opened == []  # the 40 opened at startup served them all
+    assert app.state.pool.qsize() == 40  # and every one came back
+
+
+def test_a_request_waits_for_a_connection_without_holding_a_thread(
+    client, auth, monkeypatch
+):
+    pool = app.state.pool
+    taken = [pool.get_nowait() for _ in range(40)]  # as if 40 requests held them
+    with ThreadPoolExecutor(50) as waiting:
+        reads = [waiting.submit(client.get, "/tasks", headers=auth) for _ in range(50)]
+        time.sleep(0.3)
+        assert not any(read.done() for read in reads)  # all 50 wait for a connection
+        threads = client.portal.call(anyio.to_thread.current_default_thread_limiter)
+        assert threads.borrowed_tokens == 0  # on the event loop, not in a thread
+        for connection in taken:
+            client.portal.call(pool.put, connection)
+        assert [read.result().status_code for read in reads] == [200] * 50
 
 
 def test_workers_share_one_database_and_one_generated_key(tmp_path):
@@ -582,66 +587,6 @@ def test_nothing_of_a_long_password_is_cut(client):
 def test_a_password_is_normalised_before_every_check(client, registered, typed):
     register(client, password=registered)
     assert token_headers(client, password=typed)
-
-
-def test_health_and_tasks_answer_promptly_while_200_logins_hash(tmp_path):
-    with real_server(tmp_path) as base_url:  # bcrypt at its default cost, 12
-        headers = log_in_to(base_url)
-        with ExitStack() as open_connections:
-            logins = []
-            for n in range(200):  # unknown emails: each one is checked, none limited
-                body = f"username=nobody{n}%40example.com&password=guess".encode()
-                form = [FORM_HEADER, f"Content-Length: {len(body)}"]
-                login = raw_request(base_url, "POST", "/auth/token", form, body)
-                logins.append(open_connections.enter_context(login))
-            time.sleep(0.5)  # let them all arrive and queue for bcrypt
-            latencies = []
-            with httpx2.Client(base_url=base_url, headers=headers) as other_client:
-                for _ in range(5):
-                    for path in ("/health", "/tasks"):
-                        started = time.perf_counter()
-                        assert other_client.get(path).status_code == 200
-                        latencies.append(time.perf_counter() - started)
-            # They were in flight: at cost 12, few of the 200 can be answered by now.
-            unanswered = 0
-            for login in logins:
-                login.setblocking(False)
-                try:
-                    login.recv(1)
-                except BlockingIOError:
-                    unanswered += 1
-            assert unanswered > 150, f"only {unanswered} logins were still waiting"
-    assert max(latencies) < 1.0, f"latencies while logins hash: {latencies}"
-
-
-def test_password_routes_wait_for_a_core_before_they_take_a_connection(
-    client, auth, monkeypatch
-):
-    monkeypatch.setattr(todo_api, "password_slots", anyio.Semaphore(2))  # two cores
-    checking, release = threading.Semaphore(0), threading.Event()
-    check = todo_api.verify_password
-
-    def slow_check(password, password_hash):
-        checking.release()
-        release.wait(10)
-        return check(password, password_hash)
-
-    monkeypatch.setattr(todo_api, "verify_password", slow_check)
-
-    def login(n):
-        form = {"username": f"user{n}@example.com", "password": "a guess"}
-        return client.post("/auth/token", data=form).status_code
-
-    with ThreadPoolExecutor(30) as pool:
-        logins = pool.map(login, range(30))
-        assert checking.acquire(timeout=10) and checking.acquire(timeout=10)
-        time.sleep(0.2)  # the other 28 have arrived and wait for a core
-        assert not checking.acquire(timeout=0.1)  # only two are checking
-        # Only the two being checked hold a connection; the rest of the pool is free.
-        assert todo_api.connection_slots.value == todo_api.MAX_CONNECTIONS - 2
-        assert client.get("/tasks", headers=auth).status_code == 200
-        release.set()
-        assert set(logins) == {401}
 
 
 def test_wrong_password_and_unknown_email_take_about_as_long(tmp_path):
@@ -842,7 +787,6 @@ def test_a_deleted_users_token_stays_dead_after_someone_registers(client, auth):
         ("DELETE", "/tasks/1"),
         ("GET", "/users/me"),
         ("DELETE", "/users/me"),
-        ("PUT", "/users/me/password"),
         ("POST", "/auth/logout"),
     ],
 )
@@ -1023,17 +967,35 @@ def test_client_cannot_set_id_owner_or_created_at(client, auth, database):
         ({"title": "t", "description": "x" * 2001}, ["body", "description"]),
         ({"title": "t", "done": "yes"}, ["body", "done"]),
         ({"title": "t", "done": 1}, ["body", "done"]),
-        ({"title": "t", "due_date": 0}, ["body", "due_date"]),
-        ({"title": "t", "due_date": "86400"}, ["body", "due_date"]),
         ({"title": "t", "due_date": "2026-02-30"}, ["body", "due_date"]),
-        ({"title": "t", "due_date": "2026-01-01T00:00:00"}, ["body", "due_date"]),
+        ({"title": "t", "due_date": "2026-01-01T12:30:00"}, ["body", "due_date"]),
         ({"title": "t", "due_date": "01/02/2026"}, ["body", "due_date"]),
+        ({"title": "t", "due_date": 10**20}, ["body", "due_date"]),
+        ({"title": "t", "due_date": True}, ["body", "due_date"]),
     ],
 )
 def test_create_task_refuses_bad_input(client, auth, body, location):
     response = client.post("/tasks", json=body, headers=auth)
     assert response.status_code == 422
     assert response.json()["detail"][0]["loc"] == location
+
+
+@pytest.mark.parametrize(
+    ("sent", "stored"),
+    [
+        ("2026-12-01", "2026-12-01"),
+        ("2026-12-01T00:00:00", "2026-12-01"),
+        (0, "1970-01-01"),  # pydantic reads a number as a Unix time
+        ("86400", "1970-01-02"),
+    ],
+)
+def test_a_due_date_is_read_as_pydantic_reads_one_and_kept_as_yyyy_mm_dd(
+    client, auth, database, sent, stored
+):
+    task = add_task(client, auth, due_date=sent)
+    assert task["due_date"] == stored
+    row = sqlite3.connect(database).execute("SELECT due_date FROM task").fetchone()
+    assert row == (stored,)
 
 
 def test_create_task_accepts_the_longest_fields(client, auth):
@@ -1052,7 +1014,7 @@ def test_list_tasks_refuses_bad_queries(client, auth, query):
 
 @pytest.mark.parametrize(
     "body",
-    [{"title": ""}, {"title": "   "}, {"done": "true"}, {"due_date": 5}],
+    [{"title": ""}, {"title": "   "}, {"done": "true"}, {"due_date": "soon"}],
 )
 def test_patch_refuses_bad_input(client, auth, body):
     task = add_task(client, auth)
@@ -1305,11 +1267,17 @@ def test_an_invalid_address_at_login_is_401_at_once(
     assert stored_attempts(database) == []  # and not counted
 
 
-def test_a_strange_password_at_login_is_simply_wrong(client):
+def test_a_lone_surrogate_in_the_login_form_is_simply_wrong(client):
     register(client)
-    # A lone surrogate, percent-encoded as the UTF-8 bytes Python would refuse.
-    form = b"username=ada%40example.com&password=%ED%A0%80"
+    # A lone surrogate, as the UTF-8 bytes Python refuses to encode or decode.
+    form = b"username=ada%40example.com&password=%ED%A0%80" + b"x" * 15
     response = client.post("/auth/token", content=form, headers=FORM)
+    assert (response.status_code, response.json()) == (401, WRONG_LOGIN)
+    multipart = {
+        "username": (None, "ada@example.com"),
+        "password": (None, b"\xed\xa0\x80"),
+    }
+    response = client.post("/auth/token", files=multipart)
     assert (response.status_code, response.json()) == (401, WRONG_LOGIN)
 
 
@@ -1343,69 +1311,6 @@ def test_a_login_checked_during_a_logout_gets_a_revoked_token(
     monkeypatch.setattr(todo_api, "verify_password", check_while_someone_logs_out)
     racing_login = token_headers(client)
     assert client.get("/users/me", headers=racing_login).status_code == 401
-
-
-def test_change_password_returns_a_fresh_token_and_revokes_the_rest(client, auth):
-    other_session = token_headers(client)
-    response = change_password(client, auth)
-    assert response.status_code == 200
-    assert response.headers["cache-control"] == "no-store"
-    body = response.json()
-    assert set(body) == {"access_token", "token_type", "expires_in"}
-    assert (body["token_type"], body["expires_in"]) == ("bearer", 1800)
-    fresh = {"Authorization": f"Bearer {body['access_token']}"}
-    assert client.get("/users/me", headers=fresh).status_code == 200
-    for headers in (auth, other_session):
-        assert client.get("/users/me", headers=headers).json() == BAD_TOKEN
-    old = {"username": "ada@example.com", "password": PASSWORD}
-    assert client.post("/auth/token", data=old).json() == WRONG_LOGIN
-    assert token_headers(client, password=NEW_PASSWORD)
-
-
-def test_change_password_with_a_wrong_current_password_is_403(client, auth):
-    response = change_password(client, auth, current="not my password at all")
-    assert (response.status_code, response.json()) == (
-        403,
-        {"detail": "Incorrect password"},
-    )
-    assert client.get("/users/me", headers=auth).status_code == 200
-    assert token_headers(client)  # the password did not change
-
-
-def test_wrong_current_passwords_count_as_failed_logins(client, auth, database):
-    statuses = [
-        change_password(client, auth, current="not my password at all").status_code
-        for _ in range(11)
-    ]
-    assert statuses == [403] * 10 + [429]
-    assert wrong_logins(client, 1) == [429]
-    response = change_password(client, auth)  # even the right one, until it passes
-    assert (response.status_code, response.json()) == (429, TOO_MANY)
-    assert int(response.headers["retry-after"]) >= 1
-
-
-@pytest.mark.parametrize(
-    ("body", "location"),
-    [
-        ({"current_password": PASSWORD, "new_password": "too short"}, "new_password"),
-        ({"current_password": PASSWORD, "new_password": "x" * 129}, "new_password"),
-        ({"current_password": PASSWORD}, "new_password"),
-        ({"new_password": NEW_PASSWORD}, "current_password"),
-        ({"current_password": 5, "new_password": NEW_PASSWORD}, "current_password"),
-    ],
-)
-def test_change_password_refuses_bad_input(client, auth, body, location):
-    response = client.put("/users/me/password", json=body, headers=auth)
-    assert response.status_code == 422
-    assert [problem["loc"] for problem in response.json()["detail"]] == [
-        ["body", location]
-    ]
-    assert client.get("/users/me", headers=auth).status_code == 200
-
-
-def test_a_revoked_token_cannot_change_the_password(client, auth):
-    client.post("/auth/logout", headers=auth)
-    assert change_password(client, auth).json() == BAD_TOKEN
 
 
 def test_delete_me_deletes_the_user_and_its_tasks(client, auth, database):
@@ -1667,12 +1572,8 @@ def test_adding_tasks_while_the_account_is_deleted_never_fails(client, auth):
 
 def test_openapi_states_the_password_rule_exactly(client):
     schemas = client.get("/openapi.json").json()["components"]["schemas"]
-    for model, field in [
-        ("UserCreate", "password"),
-        ("PasswordChange", "new_password"),
-    ]:
-        password = schemas[model]["properties"][field]
-        assert (password["minLength"], password["maxLength"]) == (15, 128)
+    password = schemas["UserCreate"]["properties"]["password"]
+    assert (password["minLength"], password["maxLength"]) == (15, 128)
     assert schemas["UserCreate"]["properties"]["email"]["format"] == "email"
 
 
@@ -1682,19 +1583,6 @@ def test_docs_are_served(client):
 
 def test_docs_keep_the_authorisation_across_a_reload(client):
     assert '"persistAuthorization": true' in client.get("/docs").text
-
-
-def test_openapi_lists_each_routes_statuses_and_the_apps_once(client):
-    app_wide = {"400", "413", "503"}
-    found = {
-        (method, path): set(operation["responses"]) - app_wide
-        for method, path, operation in operations(client)
-    }
-    assert found == STATUSES
-    for method, path, operation in operations(client):
-        assert app_wide <= set(operation["responses"]), (method, path)
-    too_large = client.get("/openapi.json").json()["paths"]["/tasks"]["post"]
-    assert "text/plain" in too_large["responses"]["413"]["content"]
 
 
 def test_openapi_names_operations_after_their_functions_and_tags_them(client):
@@ -1708,7 +1596,6 @@ def test_openapi_names_operations_after_their_functions_and_tags_them(client):
         ("post", "/auth/token"): "login",
         ("post", "/auth/logout"): "logout",
         ("get", "/users/me"): "read_me",
-        ("put", "/users/me/password"): "change_password",
         ("delete", "/users/me"): "delete_me",
         ("get", "/tasks"): "list_tasks",
         ("post", "/tasks"): "add_task",
@@ -1733,24 +1620,9 @@ def test_openapi_documents_the_login_as_it_is(client):
     assert body_type == "application/x-www-form-urlencoded"  # the form only
     form = spec["components"]["schemas"][body["schema"]["$ref"].split("/")[-1]]
     assert {"username", "password"} <= set(form["required"])
-    assert login["responses"]["401"]["description"] == "Incorrect email or password"
     token = spec["components"]["schemas"]["Token"]
     assert set(token["required"]) == {"access_token", "token_type", "expires_in"}
     assert "/tasks/" not in spec["paths"]
-
-
-def test_openapi_gives_every_error_a_body_shape(client):
-    spec = client.get("/openapi.json").json()
-    for path, operations in spec["paths"].items():
-        for method, operation in operations.items():
-            for status, response in operation["responses"].items():
-                if status.startswith(("4", "5")):
-                    assert response["content"]["application/json"]["schema"], (
-                        method,
-                        path,
-                        status,
-                    )
-            assert {"400", "413", "503"} <= set(operation["responses"]), (method, path)
 
 
 def test_openapi_types_match_what_the_code_accepts(client):
@@ -1793,7 +1665,7 @@ def test_a_database_error_inside_a_route_is_503(monkeypatch, tmp_path, caplog):
         response = client.get("/failing")
         assert response.status_code == 503
         assert response.json() == {"detail": "Database unavailable"}
-        assert len(module.idle_connections) == 1  # the connection went back to the pool
+        assert module.app.state.pool.qsize() == 40  # the connection went back
     assert "Database error: disk I/O error" in caplog.text
 
 
@@ -1911,9 +1783,8 @@ def test_a_database_of_another_version_is_refused_at_startup(database, version):
     with pytest.raises(RuntimeError) as error, TestClient(app):
         pass
     assert str(error.value) == (
-        f"{database} was made by another version of this app (schema version "
-        f"{version}, this one needs 2). Move it away, or delete it, and start "
-        "again: a new database will be created."
+        f"{database} has schema version {version}, not 2: move it away, and a new "
+        "database is made at start."
     )
     tables = sqlite3.connect(database).execute("SELECT name FROM sqlite_master")
     assert tables.fetchall() == [("user",)]  # left as it was
@@ -1935,15 +1806,13 @@ def test_the_server_exits_on_an_old_database_and_says_what_to_do(tmp_path):
         timeout=60,
     )
     assert result.returncode != 0
-    assert "todo.db was made by another version of this app" in result.stderr
-    assert "Move it away, or delete it, and start again" in result.stderr
+    assert "todo.db has schema version 0, not 2: move it away" in result.stderr
 
 
 def test_no_422_echoes_what_was_sent(client, auth):
     sent = [
         ("POST", "/auth/register", {"password": PASSWORD}),  # input: the whole body
         ("POST", "/auth/register", {"email": "a@x.io", "password": "short secret"}),
-        ("PUT", "/users/me/password", {"current_password": PASSWORD}),
         ("POST", "/tasks", {"title": "my private title", "done": "no, private"}),
     ]
     for method, path, body in sent:
@@ -1961,7 +1830,6 @@ def test_no_422_echoes_what_was_sent(client, auth):
         ("POST", "/auth/token", "application/json"),
         ("POST", "/auth/token", "application/x-www-form-urlencoded"),
         ("POST", "/auth/token", "multipart/form-data; boundary=x"),
-        ("PUT", "/users/me/password", "application/json"),
         ("GET", "/users/me", "application/json"),
         ("POST", "/tasks", "application/json"),
         ("GET", "/tasks", "application/json"),
@@ -2048,18 +1916,10 @@ def test_no_key_and_no_password_reaches_a_log_line_or_an_answer(tmp_path):
                 {"password": PASSWORD},
             ]:
                 answers.append(hostile_client.post("/auth/token", data=form))
-            headers = log_in_to(base_url, register_first=False)
-            for body in [
-                {"current_password": PASSWORD + "!", "new_password": NEW_PASSWORD},
-                {"current_password": PASSWORD, "new_password": "tiny"},
-                {"current_password": PASSWORD},
-            ]:
-                answers.append(
-                    hostile_client.put("/users/me/password", json=body, headers=headers)
-                )
+            log_in_to(base_url, register_first=False)
     statuses = [answer.status_code for answer in answers]
-    assert statuses == [201, 409, 422, 422, 422, 401, 401, 422, 403, 422, 422]
+    assert statuses == [201, 409, 422, 422, 422, 401, 401, 422]
     seen = (tmp_path / "server.log").read_text() + "".join(a.text for a in answers)
     assert "POST /auth/register" in seen  # the debug log was written
-    for secret in (SECRET, PASSWORD, PASSWORD[:14], PASSWORD + "!", "tiny"):
+    for secret in (SECRET, PASSWORD, PASSWORD[:14], PASSWORD + "!"):
         assert secret not in seen

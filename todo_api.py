@@ -1,19 +1,10 @@
 """A task manager's API in one module; serve it with `uvicorn todo_api:app`.
 
-Read it top to bottom: it follows a request's data. Settings come first, then the
-database, passwords and tokens, the login rate limit, the current user, the models,
-the routes, and last the app that ties them together. The tables are in schema.sql.
-
-Three ideas carry it:
-- Blocking work never runs on the event loop. Plain `def` routes run in FastAPI's
-  worker threads, each with a pooled SQLite connection. The password routes first
-  wait for a free CPU core, so a burst of logins cannot take every thread.
-- A token names a user and the user's token_version. Logging out or changing the
-  password raises the version, which revokes every older token at once.
-- Each password check is counted per email in the database before bcrypt runs, so
-  guessing is limited across worker processes (`uvicorn --workers N`) and restarts.
+Read it top to bottom, in the order a request's data travels: settings, database,
+passwords and tokens, login rate limit, current user, models, routes, and the app.
 """
 
+import asyncio
 import base64
 import hmac
 import logging
@@ -32,32 +23,14 @@ from typing import Annotated, Any
 
 import bcrypt
 import jwt
-from anyio import Semaphore, to_thread
 from email_validator import EmailNotValidError, validate_email
-from fastapi import (
-    APIRouter,
-    Depends,
-    FastAPI,
-    HTTPException,
-    Path,
-    Query,
-    Request,
-    Response,
-)
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, Response
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from fastapi.security import OAuth2PasswordBearer, OAuth2PasswordRequestForm
-from pydantic import (
-    AfterValidator,
-    BaseModel,
-    BeforeValidator,
-    Field,
-    SecretStr,
-    StrictBool,
-    field_validator,
-)
+from pydantic import AfterValidator, BaseModel, Field, SecretStr, StrictBool
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # uvicorn's general logger is named "uvicorn.error": ours show beside its messages.
@@ -65,6 +38,14 @@ logger = logging.getLogger("uvicorn.error")
 
 
 # --- Settings ----------------------------------------------------------------
+def long_enough(key: SecretStr) -> SecretStr:
+    """Refuse a key short enough to guess: HS256 wants at least 32 bytes."""
+    secret = key.get_secret_value()
+    if secret and len(secret.encode()) < 32:
+        raise ValueError("APP_SECRET_KEY needs 32+ bytes: openssl rand -hex 32")
+    return key
+
+
 class Settings(BaseSettings):
     """Every setting, from APP_* variables or a .env file in the working folder."""
 
@@ -74,21 +55,13 @@ class Settings(BaseSettings):
     )
 
     database_path: str = "todo.db"
-    secret_key: SecretStr = SecretStr("")  # empty: one is made and kept in the database
+    # Empty: a key is made and kept in the database (see signing_key).
+    secret_key: Annotated[SecretStr, AfterValidator(long_enough)] = SecretStr("")
     access_token_expire_minutes: int = Field(30, ge=1, le=525_600)  # a year at most
     bcrypt_rounds: int = Field(12, ge=4, le=31)
     login_attempts: int = Field(10, ge=1)
     login_window_seconds: int = Field(900, ge=1)
     cors_origins: list[str] = []  # a JSON list: ["http://localhost:5173"]
-
-    @field_validator("secret_key")
-    @classmethod
-    def long_enough(cls, key: SecretStr) -> SecretStr:
-        """Refuse a key short enough to guess: HS256 wants at least 32 bytes."""
-        secret = key.get_secret_value()
-        if secret and len(secret.encode()) < 32:
-            raise ValueError("APP_SECRET_KEY needs 32+ bytes: openssl rand -hex 32")
-        return key
 
 
 settings = Settings()
@@ -96,18 +69,16 @@ settings = Settings()
 
 # --- Database ----------------------------------------------------------------
 SCHEMA = pathlib.Path(__file__).with_name("schema.sql").read_text()
-# The version schema.sql gives a database file, read from schema.sql itself.
 SCHEMA_VERSION = int(re.search(r"PRAGMA user_version = ([0-9]+)", SCHEMA)[1])
 MAX_ID = 2**63 - 1  # SQLite's largest integer
-# What a user sees of their account. Column lists like this one are constants that
-# f-strings write into the SQL; values a client sends only ever go through `?`.
+# Column lists are constants that f-strings write into the SQL; what a client sends
+# only ever goes through `?` placeholders, so it can never run as SQL.
 USER_COLUMNS = "id, email, created_at"
 
 
 def row_as_dict(cursor: sqlite3.Cursor, row: tuple) -> dict[str, Any]:
     """Return each row as a dict, which the pydantic models read directly."""
-    names = [column[0] for column in cursor.description]
-    return dict(zip(names, row))
+    return {column[0]: value for column, value in zip(cursor.description, row)}
 
 
 def connect() -> sqlite3.Connection:
@@ -127,28 +98,20 @@ def connect() -> sqlite3.Connection:
     return connection
 
 
-# The pool. Opening a connection costs far more than a query, so connections are
-# kept and lent again. FastAPI runs `def` routes on AnyIO's worker threads, 40 at
-# most, so 40 connections are enough. get_db is async, so it runs on the event
-# loop: a request that finds all 40 lent waits there without holding a thread, and
-# the list needs no lock, as only the event loop touches it.
+# The pool: opening a connection costs far more than a query, so lifespan (at the
+# end) opens 40 and puts them in app.state.pool, a queue. FastAPI runs `def` routes
+# in a pool of 40 threads, so no route ever waits for a connection it could not use.
 MAX_CONNECTIONS = 40
-idle_connections: list[sqlite3.Connection] = []
-# fast_acquire: a free slot is taken without first letting others run (GET +10%).
-connection_slots = Semaphore(MAX_CONNECTIONS, fast_acquire=True)
 
 
-async def get_db() -> AsyncIterator[sqlite3.Connection]:
+async def get_db(request: Request) -> AsyncIterator[sqlite3.Connection]:
     """Lend a connection for one request; when all are lent, wait for one."""
-    async with connection_slots:
-        if idle_connections:
-            connection = idle_connections.pop()
-        else:
-            connection = await to_thread.run_sync(connect)
-        try:
-            yield connection
-        finally:  # runs after the answer is sent: every write is already saved
-            idle_connections.append(connection)
+    pool = request.app.state.pool
+    connection = await pool.get()  # async: it waits on the event loop, not a thread
+    try:
+        yield connection
+    finally:  # runs after the answer is sent: every write is already saved
+        pool.put_nowait(connection)
 
 
 DB = Annotated[sqlite3.Connection, Depends(get_db)]
@@ -168,20 +131,16 @@ def apply_schema(db: sqlite3.Connection) -> None:
     tables = db.execute("SELECT count(*) AS count FROM sqlite_master").fetchone()
     if tables["count"] and version != SCHEMA_VERSION:
         raise RuntimeError(
-            f"{settings.database_path} was made by another version of this app "
-            f"(schema version {version}, this one needs {SCHEMA_VERSION}). Move it "
-            "away, or delete it, and start again: a new database will be created."
+            f"{settings.database_path} has schema version {version}, not "
+            f"{SCHEMA_VERSION}: move it away, and a new database is made at start."
         )
     db.executescript(SCHEMA)
 
 
 # --- Passwords and tokens ----------------------------------------------------
-# bcrypt reads at most 72 bytes (bcrypt 5 refuses more), so each password is first
-# reduced to 44 bytes: its HMAC-SHA256 digest (32 bytes), in base64. Why HMAC, with
-# a fixed label that is no secret, rather than plain SHA-256: other sites leak
-# plain SHA-256 hashes of passwords. Had we fed bcrypt plain SHA-256, each leaked
-# hash could be tried against ours as it is, without cracking the password first;
-# the label makes what we feed bcrypt match no one else's.
+# bcrypt reads at most 72 bytes (bcrypt 5 refuses more), so a password is first
+# reduced to 44: an HMAC-SHA256 digest in base64. The fixed label, no secret, makes
+# it no plain SHA-256 that another site's leak could test ("password shucking").
 PREHASH_KEY = b"todo-api password v1"
 
 
@@ -203,23 +162,8 @@ def verify_password(password: str, password_hash: bytes) -> bool:
     return bcrypt.checkpw(prehash(password), password_hash)
 
 
-# Checked when an email has no account, so that it takes as long as a known one:
-# otherwise a quick 401 would tell anyone which emails have an account.
+# Checked for an unknown email, so that its 401 takes as long and reveals nothing.
 DUMMY_HASH = hash_password("no account has this password")
-
-# One bcrypt check keeps a core busy for a quarter of a second. Without a bound,
-# 200 logins would take all 40 threads and connections, and every other request
-# would wait behind them. So register, login and change_password (below) declare
-# `dependencies=[Depends(wait_for_a_core)]`, which FastAPI solves before anything
-# else: the request waits here, on the event loop, before it takes a thread or a
-# connection. At most 8, so the other routes always keep most of the 40 threads.
-password_slots = Semaphore(min(os.cpu_count() or 1, 8))
-
-
-async def wait_for_a_core() -> AsyncIterator[None]:
-    """Hold one of the per-core slots until the answer is sent."""
-    async with password_slots:
-        yield
 
 
 def signing_key(db: sqlite3.Connection) -> str:
@@ -243,19 +187,14 @@ def create_access_token(key: str, user_id: int, version: int) -> str:
 
 
 # --- Login rate limit --------------------------------------------------------
-TOO_MANY_LOGINS = "Too many failed logins; try again later"
-
-
 def count_login_attempt(db: sqlite3.Connection, email: str) -> None:
     """Count one password check for an email, or answer 429 once too many were made."""
     now = time.time()
     window = settings.login_window_seconds
-    # A window starts at an email's first counted check and is never extended; it
-    # ends when this DELETE removes its row, which also keeps logins for random
-    # emails from filling the table.
+    # A window starts at an email's first check and ends when this DELETE removes
+    # its row; stale rows go too, so logins for random emails cannot fill the table.
     db.execute("DELETE FROM login_attempt WHERE window_start <= ?", (now - window,))
-    # One statement: a new email gets a row (1 attempt, its window starting now);
-    # a known one adds 1. Concurrent attempts each get their own count back.
+    # An "upsert": one statement, so concurrent attempts each get their own count.
     count_attempt = """
         INSERT INTO login_attempt (email, attempts, window_start)
         VALUES (?, 1, ?)
@@ -266,12 +205,8 @@ def count_login_attempt(db: sqlite3.Connection, email: str) -> None:
     if attempt["attempts"] > settings.login_attempts:
         seconds_left = math.ceil(attempt["window_start"] + window - now)
         retry_after = {"Retry-After": str(max(1, seconds_left))}
-        raise HTTPException(429, TOO_MANY_LOGINS, headers=retry_after)
-
-
-def clear_login_attempts(db: sqlite3.Connection, email: str) -> None:
-    """Forget the counted checks of an email whose password was just right."""
-    db.execute("DELETE FROM login_attempt WHERE email = ?", (email,))
+        detail = "Too many failed logins; try again later"
+        raise HTTPException(429, detail, headers=retry_after)
 
 
 # --- The current user --------------------------------------------------------
@@ -296,9 +231,8 @@ def get_current_user(
         claims = jwt.decode(token, key, algorithms=["HS256"], options=options)
     except jwt.InvalidTokenError:  # a bad signature, expired, malformed, ...
         raise invalid_token() from None
-    # The hash is for the password change; the User response model never shows it.
     query = f"""
-        SELECT {USER_COLUMNS}, password_hash
+        SELECT {USER_COLUMNS}
         FROM user
         WHERE id = ? AND token_version = ?
     """
@@ -324,40 +258,23 @@ def strip_title(title: str) -> str:
     return title.strip()
 
 
-def iso_date_text(value: Any) -> Any:
-    """Let through only YYYY-MM-DD text: pydantic alone would read 0 as 1970-01-01."""
-    if isinstance(value, str) and re.fullmatch(r"[0-9]{4}-[0-9]{2}-[0-9]{2}", value):
-        return value
-    raise ValueError("Input should be a date as a YYYY-MM-DD string")
-
-
 # format: email only tells /docs; normalize_email does the checking.
-Email = Annotated[
-    str,
-    Field(max_length=254, json_schema_extra={"format": "email"}),
-    AfterValidator(normalize_email),
-]
-Password = Annotated[str, Field(min_length=15, max_length=128)]
+EmailField = Field(max_length=254, json_schema_extra={"format": "email"})
+Email = Annotated[str, EmailField, AfterValidator(normalize_email)]
 Title = Annotated[str, Field(min_length=1, max_length=200), AfterValidator(strip_title)]
 Description = Annotated[str, Field(max_length=2000)]
-DueDate = Annotated[date, BeforeValidator(iso_date_text)]
-TaskId = Annotated[int, Path(ge=1, le=MAX_ID)]  # larger would not fit in SQLite
+TaskId = Annotated[int, Field(ge=1, le=MAX_ID)]  # larger would not fit in SQLite
 
 
 class UserCreate(BaseModel):
     email: Email
-    password: Password
+    password: str = Field(min_length=15, max_length=128)
 
 
 class User(BaseModel):
     id: int
     email: str
     created_at: datetime
-
-
-class PasswordChange(BaseModel):
-    current_password: str
-    new_password: Password
 
 
 class Token(BaseModel):
@@ -370,16 +287,14 @@ class TaskCreate(BaseModel):
     title: Title
     description: Description | None = None
     done: StrictBool = False  # true or false, not "yes" or 1
-    due_date: DueDate | None = None
+    due_date: date | None = None
 
 
 class TaskUpdate(BaseModel):
-    """The fields to change: one left out, or null, keeps its value (PUT clears)."""
-
     title: Title | None = None
     description: Description | None = None
     done: StrictBool | None = None
-    due_date: DueDate | None = None
+    due_date: date | None = None
 
 
 class Task(BaseModel):
@@ -391,35 +306,19 @@ class Task(BaseModel):
     created_at: datetime
 
 
-# The columns the task queries read: exactly Task's fields. To add a task field:
-# its column in schema.sql, the field in TaskCreate, TaskUpdate and Task, then the
-# INSERT in add_task and the UPDATEs in edit_task and replace_task. Raise
-# user_version in schema.sql too: IF NOT EXISTS never adds a column to an existing
-# table, so an old todo.db is then refused and has to be moved away.
+# Task's fields are the columns the task queries read. A new field needs its column
+# in schema.sql and a new user_version there (old files lack the column), the three
+# models, and the SQL of add_task, edit_task and replace_task.
 TASK_COLUMNS = ", ".join(Task.model_fields)
 
 
-class Message(BaseModel):
-    detail: str
-
-
 # --- Routes ------------------------------------------------------------------
-# For /docs only, changing nothing a route does: each route's `responses=` lists the
-# errors it may answer, each with a `{"detail": ...}` body (the Message model).
-def documented(description: str) -> dict:
-    """Describe an error answer for /docs: what it means, and its body."""
-    return {"model": Message, "description": description}
-
-
 INCORRECT_LOGIN = "Incorrect email or password"
-NOT_FOUND = {404: documented("Task not found")}
-TOO_MANY = {429: documented(TOO_MANY_LOGINS)}
-UNAUTHORIZED = {401: documented("No token, or a bad or revoked one")}
 
 health_routes = APIRouter(tags=["health"])
 auth_routes = APIRouter(prefix="/auth", tags=["auth"])
-user_routes = APIRouter(prefix="/users/me", tags=["users"], responses=UNAUTHORIZED)
-task_routes = APIRouter(prefix="/tasks", tags=["tasks"], responses=UNAUTHORIZED)
+user_routes = APIRouter(prefix="/users/me", tags=["users"])
+task_routes = APIRouter(prefix="/tasks", tags=["tasks"])
 
 
 @health_routes.get("/health")
@@ -429,12 +328,7 @@ def health(db: DB) -> dict[str, str]:
     return {"status": "ok"}
 
 
-@auth_routes.post(
-    "/register",
-    status_code=201,
-    responses={409: documented("Email already registered")},
-    dependencies=[Depends(wait_for_a_core)],
-)
+@auth_routes.post("/register", status_code=201)
 def register(new_user: UserCreate, db: DB, response: Response) -> User:
     """Create an account; the email must be free, however it is spelled."""
     insert = f"""
@@ -451,24 +345,7 @@ def register(new_user: UserCreate, db: DB, response: Response) -> User:
     return user
 
 
-def token_answer(
-    request: Request, response: Response, user_id: int, version: int
-) -> Token:
-    """Sign a token for the login and password routes; no cache may keep it."""
-    response.headers["Cache-Control"] = "no-store"
-    key = request.app.state.signing_key
-    return Token(
-        access_token=create_access_token(key, user_id, version),
-        token_type="bearer",
-        expires_in=settings.access_token_expire_minutes * 60,
-    )
-
-
-@auth_routes.post(
-    "/token",
-    responses={401: documented(INCORRECT_LOGIN)} | TOO_MANY,
-    dependencies=[Depends(wait_for_a_core)],
-)
+@auth_routes.post("/token")
 def login(
     form: Annotated[OAuth2PasswordRequestForm, Depends()],  # what Authorize sends
     db: DB,
@@ -481,9 +358,7 @@ def login(
     except EmailNotValidError:  # no account can have it: nothing to check or count
         raise HTTPException(401, INCORRECT_LOGIN, headers=BEARER) from None
     count_login_attempt(db, email)
-    # The token gets the token_version read here, before bcrypt: if a logout raises
-    # it while bcrypt runs, the token this login returns is already revoked, as a
-    # logout everywhere should end logins still in progress too.
+    # token_version is read before bcrypt: a logout while it runs revokes this token.
     query = """
         SELECT id, password_hash, token_version
         FROM user
@@ -494,11 +369,17 @@ def login(
     password_is_right = verify_password(form.password, stored_hash)
     if user is None or not password_is_right:
         raise HTTPException(401, INCORRECT_LOGIN, headers=BEARER)
-    clear_login_attempts(db, email)
-    return token_answer(request, response, user["id"], user["token_version"])
+    db.execute("DELETE FROM login_attempt WHERE email = ?", (email,))  # count cleared
+    response.headers["Cache-Control"] = "no-store"  # no cache keeps it: RFC 6749 5.1
+    key = request.app.state.signing_key
+    return Token(
+        access_token=create_access_token(key, user["id"], user["token_version"]),
+        token_type="bearer",
+        expires_in=settings.access_token_expire_minutes * 60,
+    )
 
 
-@auth_routes.post("/logout", status_code=204, responses=UNAUTHORIZED)
+@auth_routes.post("/logout", status_code=204)
 def logout(user: CurrentUser, db: DB) -> None:
     """Log out everywhere: every token of the caller issued until now is refused."""
     revoke = """
@@ -515,44 +396,13 @@ def read_me(user: CurrentUser) -> User:
     return user
 
 
-@user_routes.put(
-    "/password",
-    responses={403: documented("Incorrect password")} | TOO_MANY,
-    dependencies=[Depends(wait_for_a_core)],
-)
-def change_password(
-    change: PasswordChange,
-    user: CurrentUser,
-    db: DB,
-    request: Request,
-    response: Response,
-) -> Token:
-    """Set a new password: every older token is refused, and a fresh one returned."""
-    count_login_attempt(db, user["email"])
-    if not verify_password(change.current_password, user["password_hash"]):
-        raise HTTPException(403, "Incorrect password")
-    clear_login_attempts(db, user["email"])
-    update = """
-        UPDATE user
-        SET password_hash = ?, token_version = token_version + 1
-        WHERE id = ?
-        RETURNING token_version
-    """
-    new_hash = hash_password(change.new_password)
-    changed = db.execute(update, (new_hash, user["id"])).fetchone()
-    if changed is None:  # the account was deleted meanwhile
-        raise invalid_token()
-    return token_answer(request, response, user["id"], changed["token_version"])
-
-
 @user_routes.delete("", status_code=204)
 def delete_me(user: CurrentUser, db: DB) -> None:
     """Delete the account and, through the foreign key, all of its tasks."""
     db.execute("DELETE FROM user WHERE id = ?", (user["id"],))
 
 
-# The list and the new task answer at /tasks and /tasks/ alike, with no redirect;
-# the second decorator is left out of /docs.
+# /tasks/ is served too, with no redirect, but left out of /docs.
 @task_routes.get("")
 @task_routes.get("/", include_in_schema=False)
 def list_tasks(
@@ -600,7 +450,7 @@ def found(task: dict | None) -> dict:
     return task
 
 
-@task_routes.get("/{task_id}", responses=NOT_FOUND)
+@task_routes.get("/{task_id}")
 def read_task(task_id: TaskId, user: CurrentUser, db: DB) -> Task:
     """Show one of the caller's tasks; another user's task does not exist for them."""
     query = f"""
@@ -611,7 +461,7 @@ def read_task(task_id: TaskId, user: CurrentUser, db: DB) -> Task:
     return found(db.execute(query, (task_id, user["id"])).fetchone())
 
 
-@task_routes.patch("/{task_id}", responses=NOT_FOUND)
+@task_routes.patch("/{task_id}")
 def edit_task(task_id: TaskId, changes: TaskUpdate, user: CurrentUser, db: DB) -> Task:
     """Change the fields sent with a value; the others keep theirs."""
     # coalesce(:title, title): a null (left out, or sent) keeps the stored value.
@@ -629,7 +479,7 @@ def edit_task(task_id: TaskId, changes: TaskUpdate, user: CurrentUser, db: DB) -
     return found(db.execute(update, values).fetchone())
 
 
-@task_routes.put("/{task_id}", responses=NOT_FOUND)
+@task_routes.put("/{task_id}")
 def replace_task(task_id: TaskId, task: TaskCreate, user: CurrentUser, db: DB) -> Task:
     """Replace a task: fields left out go back to their defaults."""
     update = f"""
@@ -643,7 +493,7 @@ def replace_task(task_id: TaskId, task: TaskCreate, user: CurrentUser, db: DB) -
     return found(db.execute(update, values).fetchone())
 
 
-@task_routes.delete("/{task_id}", status_code=204, responses=NOT_FOUND)
+@task_routes.delete("/{task_id}", status_code=204)
 def delete_task(task_id: TaskId, user: CurrentUser, db: DB) -> None:
     """Delete one of the caller's tasks."""
     delete = """
@@ -672,32 +522,24 @@ async def database_unavailable(request: Request, error: sqlite3.Error) -> Respon
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    """Prepare the database and settle the signing key, serve, then close."""
+    """Prepare the database and the signing key, fill the pool, serve, then close."""
     # Blocking calls are fine here: no request is served until this yields.
     make_private(settings.database_path)
     with closing(connect()) as db:  # a connection's own `with` would not close it
         apply_schema(db)
         app.state.signing_key = signing_key(db)
+    app.state.pool = asyncio.Queue()
+    for _ in range(MAX_CONNECTIONS):
+        app.state.pool.put_nowait(connect())
     yield
-    while idle_connections:
-        idle_connections.pop().close()
+    while not app.state.pool.empty():
+        app.state.pool.get_nowait().close()
 
-
-# For /docs only: what any route may answer. FastAPI itself answers 400 to a body
-# that is not UTF-8 and 413 (in plain text) to one over max_body_size; 503 is
-# database_unavailable's.
-PLAIN_TEXT = {"content": {"text/plain": {"schema": {"type": "string"}}}}
-ANY_ROUTE = {
-    400: documented("The body is not valid UTF-8"),
-    413: documented("The body is over 64 KiB") | PLAIN_TEXT,
-    503: documented("The database cannot answer"),
-}
 
 app = FastAPI(
     title="Todo API",
     lifespan=lifespan,
     max_body_size=64 * 1024,  # 413 once a body crosses 64 KiB, as it is read
-    responses=ANY_ROUTE,
     exception_handlers={
         RequestValidationError: invalid_request,
         sqlite3.Error: database_unavailable,
