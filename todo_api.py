@@ -99,8 +99,8 @@ def connect() -> sqlite3.Connection:
 
 
 # The pool: opening a connection costs far more than a query, so lifespan (at the
-# end) opens 40 and puts them in app.state.pool, a queue. FastAPI runs `def` routes
-# in a pool of 40 threads, so no route ever waits for a connection it could not use.
+# end) opens 40 into app.state.pool, a queue. FastAPI runs `def` routes in 40 worker
+# threads, so more connections than that could never all be in use at once.
 MAX_CONNECTIONS = 40
 
 
