@@ -1,6 +1,5 @@
--- The Todo API's tables, applied on every start: IF NOT EXISTS keeps the data. One
--- transaction: all or nothing, and IMMEDIATE makes two starting workers take turns.
-BEGIN IMMEDIATE;
+-- The Todo API's tables, applied on every start inside one transaction (see
+-- apply_schema): IF NOT EXISTS creates only what is missing and keeps the data.
 -- AUTOINCREMENT never hands out an id twice: a deleted user's token names no one.
 CREATE TABLE IF NOT EXISTS user (
   id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -36,5 +35,4 @@ CREATE TABLE IF NOT EXISTS login_attempt (
 );
 CREATE INDEX IF NOT EXISTS login_attempt_window_start ON login_attempt (window_start);
 
-PRAGMA user_version = 2;  -- the app refuses a file with tables and another version
-COMMIT;
+PRAGMA user_version = 2;  -- raise it with each change, beside an upgrade step

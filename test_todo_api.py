@@ -6,6 +6,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import sqlite3
@@ -13,9 +14,10 @@ import stat
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from urllib.parse import urlencode
@@ -36,6 +38,7 @@ PASSWORD = "correct horse battery staple"
 BAD_TOKEN = {"detail": "Could not validate credentials"}
 WRONG_LOGIN = {"detail": "Incorrect email or password"}
 TOO_MANY = {"detail": "Too many failed logins; try again later"}
+EMAIL_TAKEN = {"detail": "Email already registered"}
 # The module makes its own at the configured cost as it is imported; tests use 4.
 DUMMY_HASH = bcrypt.hashpw(b"no account has this password", bcrypt.gensalt(4))
 
@@ -297,6 +300,24 @@ def test_settings_come_from_a_dot_env_file(monkeypatch, tmp_path):
     ) == (5, "other.db")
 
 
+def test_other_programs_variables_in_dot_env_are_ignored(monkeypatch, tmp_path):
+    (tmp_path / ".env").write_text("POSTGRES_PASSWORD=secret\nAPP_BCRYPT_ROUNDS=5\n")
+    assert fresh_module(monkeypatch, tmp_path).settings.bcrypt_rounds == 5
+
+
+def test_a_mistyped_app_variable_in_dot_env_stops_startup(monkeypatch, tmp_path):
+    (tmp_path / ".env").write_text("APP_DATABSE_PATH=other.db\n")
+    with pytest.raises(ValueError, match="databse_path\n  Extra inputs are not"):
+        fresh_module(monkeypatch, tmp_path)
+
+
+@pytest.mark.parametrize("path", [":memory:", ""])
+def test_a_database_that_is_no_file_is_refused_at_startup(monkeypatch, tmp_path, path):
+    with pytest.raises(ValueError, match="gives each connection its own empty data"):
+        fresh_module(monkeypatch, tmp_path, APP_DATABASE_PATH=path)
+    assert list(tmp_path.iterdir()) == []  # no file named :memory: left behind
+
+
 def test_cors_origins_are_a_json_list(monkeypatch):
     monkeypatch.setenv("APP_CORS_ORIGINS", '["https://a.example", "https://b.example"]')
     assert todo_api.Settings(_env_file=None).cors_origins == [
@@ -454,6 +475,64 @@ def test_a_request_waits_for_a_connection_without_holding_a_thread(
         assert [read.result().status_code for read in reads] == [200] * 50
 
 
+def test_a_client_that_never_reads_its_answer_holds_no_connection(client, auth):
+    add_task(client, auth)
+    answers_begun = []
+
+    async def never_read():
+        """Ask for the task list, then never read the answer, as a stalled client."""
+        authorization = (b"authorization", auth["Authorization"].encode())
+        request = {"type": "http", "method": "GET", "path": "/tasks"}
+        request |= {"headers": [authorization], "query_string": b""}
+
+        async def receive():
+            return {"type": "http.request", "body": b""}
+
+        async def send(message):
+            answers_begun.append(message)
+            await anyio.sleep_forever()  # the answer is never read
+
+        await app(request, receive, send)
+
+    stalled = [client.portal.start_task_soon(never_read) for _ in range(41)]
+    try:
+        deadline = time.monotonic() + 5
+        while len(answers_begun) < 41 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(answers_begun) == 41  # more than the pool holds: all came back
+        assert app.state.pool.qsize() == todo_api.MAX_CONNECTIONS
+        assert client.get("/tasks", headers=auth).status_code == 200
+    finally:
+        for request in stalled:
+            request.cancel()
+
+
+def test_a_burst_of_logins_leaves_other_routes_answering(tmp_path):
+    with real_server(tmp_path) as base_url:  # at the default bcrypt cost
+        headers = log_in_to(base_url)
+
+        def log_in_as_nobody(n):
+            form = {"username": f"nobody{n}@example.com", "password": PASSWORD}
+            return httpx2.post(f"{base_url}/auth/token", data=form, timeout=60)
+
+        def seconds_to_answer(path):
+            start = time.monotonic()
+            response = httpx2.get(f"{base_url}{path}", headers=headers)
+            assert response.status_code == 200
+            return time.monotonic() - start
+
+        # More logins at once than FastAPI has worker threads (40).
+        with ThreadPoolExecutor(42) as pool:
+            logins = [pool.submit(log_in_as_nobody, n) for n in range(42)]
+            time.sleep(0.5)  # every login has arrived
+            waits = [seconds_to_answer(path) for path in ["/health", "/tasks"] * 3]
+            still_waiting = sum(not login.done() for login in logins)
+            statuses = [login.result().status_code for login in logins]
+    assert still_waiting > 20  # the probes were answered while logins waited
+    assert max(waits) < 0.5
+    assert statuses == [401] * 42
+
+
 def test_workers_share_one_database_and_one_generated_key(tmp_path):
     with real_server(tmp_path, "--workers", "2", APP_BCRYPT_ROUNDS="4") as base_url:
         headers = log_in_to(base_url)
@@ -549,6 +628,24 @@ def test_every_spelling_of_an_address_is_one_account(client):
         assert response.status_code == 409, spelling
         assert response.json() == {"detail": "Email already registered"}
         assert token_headers(client, spelling)  # and each of them logs in
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        ("νικος.παπας@example.gr", "ΝΙΚΟΣ.ΠΑΠΑΣ@example.gr"),  # a final sigma
+        ("\u01f0ane@example.com", "J\u030cANE@example.com"),  # ǰ, then J and a caron
+        ("straße@example.de", "STRASSE@example.de"),
+    ],
+    ids=["final sigma", "j with caron", "sharp s"],
+)
+def test_an_address_is_case_folded_not_lower_cased(client, first, second):
+    register(client, first)
+    response = client.post(
+        "/auth/register", json={"email": second, "password": PASSWORD}
+    )
+    assert (response.status_code, response.json()) == (409, EMAIL_TAKEN)
+    assert token_headers(client, second)
 
 
 def test_a_punycode_domain_logs_in_as_its_unicode_form(client):
@@ -1281,6 +1378,23 @@ def test_a_lone_surrogate_in_the_login_form_is_simply_wrong(client):
     assert (response.status_code, response.json()) == (401, WRONG_LOGIN)
 
 
+@pytest.mark.parametrize("field", ["username", "password"])
+def test_a_form_in_any_charset_is_simply_wrong(client, field):
+    register(client)
+    fields = {"username": "ada@example.com", "password": PASSWORD}
+    fields[field] = "\\ud800" + fields[field]  # unicode_escape decodes a surrogate
+    parts = [
+        f'--b\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'
+        for name, value in fields.items()
+    ]
+    body = ("".join(parts) + "--b--\r\n").encode()
+    multipart = "multipart/form-data; boundary=b; charset=unicode_escape"
+    response = client.post(
+        "/auth/token", content=body, headers={"content-type": multipart}
+    )
+    assert (response.status_code, response.json()) == (401, WRONG_LOGIN)
+
+
 def test_logout_refuses_every_token_issued_until_now(client, auth):
     other_session = token_headers(client)
     response = client.post("/auth/logout", headers=auth)
@@ -1774,20 +1888,140 @@ def test_a_fresh_database_gets_the_schemas_version(client, database):
 
 
 @pytest.mark.parametrize("version", [0, 1, 99], ids=["first", "older", "newer"])
-def test_a_database_of_another_version_is_refused_at_startup(database, version):
-    old = sqlite3.connect(database)
-    old.execute("CREATE TABLE user (id INTEGER PRIMARY KEY, email TEXT)")
-    old.execute(f"PRAGMA user_version = {version}")
-    old.commit()
-    old.close()
+def test_a_database_of_another_version_is_refused_and_left_as_it_was(database, version):
+    other = sqlite3.connect(database)
+    other.execute("CREATE TABLE user (id INTEGER PRIMARY KEY, email TEXT)")
+    other.execute(f"PRAGMA user_version = {version}")
+    other.commit()
+    other.close()
+    os.chmod(database, 0o664)
+    before = database.read_bytes()
     with pytest.raises(RuntimeError) as error, TestClient(app):
         pass
     assert str(error.value) == (
         f"{database} has schema version {version}, not 2: move it away, and a new "
         "database is made at start."
     )
-    tables = sqlite3.connect(database).execute("SELECT name FROM sqlite_master")
-    assert tables.fetchall() == [("user",)]  # left as it was
+    assert database.read_bytes() == before  # its bytes, its mode, its journal mode
+    assert mode(database) == 0o664
+    journal = sqlite3.connect(database).execute("PRAGMA journal_mode").fetchone()
+    assert journal == ("delete",)
+
+
+# A task field added as the README's "Add a field, keeping your data" adds one.
+PRIORITY = "priority INTEGER NOT NULL DEFAULT 0"
+
+
+def with_priority(module):
+    """Give the app a priority column on tasks: schema version 3, with its step."""
+    module.SCHEMA = module.SCHEMA.replace(
+        "  due_date TEXT,", f"  due_date TEXT,\n  {PRIORITY},"
+    ).replace("PRAGMA user_version = 2;", "PRAGMA user_version = 3;")
+    module.SCHEMA_VERSION = 3
+    module.UPGRADES = {2: f"ALTER TABLE task ADD COLUMN {PRIORITY};"}
+
+
+def start_on_each(upgrade):
+    """In a child process: start and stop the app on each file named on stdin."""
+    if upgrade:
+        with_priority(todo_api)
+    for path in iter(sys.stdin.readline, ""):
+        settings.database_path = path.strip()
+        try:
+            with TestClient(app):
+                print("started", flush=True)
+        except Exception as error:  # noqa: BLE001 (what stopped it is the answer)
+            print(error, flush=True)
+
+
+def start_two_at_once(paths, upgrade=False):
+    """Start two processes on each file at the same moment; return what each said."""
+    program = f"import test_todo_api; test_todo_api.start_on_each({upgrade})"
+    workers = [
+        subprocess.Popen(
+            [sys.executable, "-c", program],
+            cwd=HERE,
+            env=server_environment() | {"APP_BCRYPT_ROUNDS": "4"},
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    said = []
+    for path in paths:
+        for worker in workers:  # both wait on stdin: this line starts them together
+            worker.stdin.write(f"{path}\n")
+            worker.stdin.flush()
+        said.append([worker.stdout.readline().strip() for worker in workers])
+    for worker in workers:
+        worker.communicate(timeout=30)  # closes its stdin: it stops
+    return said
+
+
+def add_account_and_tasks():
+    """Fill the test's database: an account and three tasks; return the tasks."""
+    with TestClient(app) as client:
+        headers = log_in(client)
+        return [add_task(client, headers, title=f"task {n}") for n in range(3)]
+
+
+def hold_the_write_lock(database, seconds):
+    """Take the file's write lock, as a worker creating the tables; let go later."""
+    other = sqlite3.connect(database, isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")
+    threading.Timer(seconds, other.close).start()  # closing rolls back
+
+
+def test_a_worker_starts_while_another_creates_the_tables(database):
+    hold_the_write_lock(database, 0.3)
+    with TestClient(app) as client:  # it waits its turn, then finds a new file
+        assert client.get("/health").status_code == 200
+
+
+def test_the_switch_to_wal_waits_for_another_workers_transaction(database):
+    sqlite3.connect(database).close()  # a new file, in SQLite's default journal
+    hold_the_write_lock(database, 0.3)  # SQLite refuses the switch at once: no wait
+    todo_api.use_write_ahead_log(todo_api.connect())
+    journal = sqlite3.connect(database).execute("PRAGMA journal_mode").fetchone()
+    assert journal == ("wal",)
+
+
+def test_two_workers_starting_together_on_a_new_file_both_start(tmp_path):
+    paths = [tmp_path / f"new{n}.db" for n in range(16)]
+    assert start_two_at_once(paths) == [["started", "started"]] * 16
+    for path in paths:
+        new = sqlite3.connect(path)
+        assert new.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+        assert new.execute("PRAGMA user_version").fetchone() == (2,)
+
+
+def test_an_upgrade_step_keeps_every_row_and_runs_once_with_two_workers(
+    database, tmp_path
+):
+    tasks = add_account_and_tasks()
+    paths = [tmp_path / f"copy{n}.db" for n in range(6)]
+    for path in paths:
+        shutil.copy(database, path)
+    assert start_two_at_once(paths, upgrade=True) == [["started", "started"]] * 6
+    for path in paths:  # had both applied the step, one would have failed
+        upgraded = sqlite3.connect(path)
+        upgraded.row_factory = sqlite3.Row
+        assert upgraded.execute("PRAGMA user_version").fetchone()[0] == 3
+        rows = upgraded.execute("SELECT * FROM task ORDER BY id").fetchall()
+        assert [row["title"] for row in rows] == [task["title"] for task in tasks]
+        assert [row["priority"] for row in rows] == [0, 0, 0]
+
+
+def test_two_workers_on_a_file_of_an_unknown_version_both_refuse(database):
+    add_account_and_tasks()
+    with closing(sqlite3.connect(database)) as other:
+        other.execute("PRAGMA user_version = 7")
+    before = database.read_bytes()
+    refused = f"{database} has schema version 7, not 2: move it away, and a new "
+    refused += "database is made at start."
+    assert start_two_at_once([database]) == [[refused, refused]]
+    assert database.read_bytes() == before
 
 
 def test_the_server_exits_on_an_old_database_and_says_what_to_do(tmp_path):

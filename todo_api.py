@@ -46,15 +46,30 @@ def long_enough(key: SecretStr) -> SecretStr:
     return key
 
 
+def names_a_file(path: str) -> str:
+    """Refuse a path that names no file: each connection would be its own database."""
+    if path in ("", ":memory:"):
+        raise ValueError(
+            f"APP_DATABASE_PATH={path} gives each connection its own empty database:"
+            " name a file, such as todo.db"
+        )
+    return path
+
+
 class Settings(BaseSettings):
     """Every setting, from APP_* variables or a .env file in the working folder."""
 
     # hide_input_in_errors: a mistyped secret key is never printed back in an error.
+    # match_prefix: .env may hold other programs' variables; a mistyped APP_ one is
+    # still refused, by name.
     model_config = SettingsConfigDict(
-        env_prefix="APP_", env_file=".env", hide_input_in_errors=True
+        env_prefix="APP_",
+        env_file=".env",
+        dotenv_filtering="match_prefix",
+        hide_input_in_errors=True,
     )
 
-    database_path: str = "todo.db"
+    database_path: Annotated[str, AfterValidator(names_a_file)] = "todo.db"
     # Empty: a key is made and kept in the database (see signing_key).
     secret_key: Annotated[SecretStr, AfterValidator(long_enough)] = SecretStr("")
     access_token_expire_minutes: int = Field(30, ge=1, le=525_600)  # a year at most
@@ -68,11 +83,24 @@ settings = Settings()
 
 
 # --- Database ----------------------------------------------------------------
+# sqlite3 for a reader who knows an ORM:
+# - Autocommit (isolation_level=None below): each statement is saved as it runs, so
+#   no route calls commit(). Statements that must stand together go between
+#   BEGIN IMMEDIATE and COMMIT, as apply_schema's do.
+# - A row comes back as a dict (row_as_dict); a route's return type validates it.
+# - `?` and `:name` are placeholders: what a client sends is bound, never run as SQL.
+# - RETURNING gives back the row a write touched; no row (None) means no match: 404.
+# At startup, lifespan (at the end of the module) applies the schema and opens the
+# pool of connections, app.state.pool, that get_db lends to each request.
 SCHEMA = pathlib.Path(__file__).with_name("schema.sql").read_text()
 SCHEMA_VERSION = int(re.search(r"PRAGMA user_version = ([0-9]+)", SCHEMA)[1])
+# Upgrade steps: UPGRADES[n] is the SQL that brings a file of version n to n + 1,
+# keeping its rows. None is needed yet: the README's "Add a field, keeping your
+# data" writes one.
+UPGRADES: dict[int, str] = {}
 MAX_ID = 2**63 - 1  # SQLite's largest integer
 # Column lists are constants that f-strings write into the SQL; what a client sends
-# only ever goes through `?` placeholders, so it can never run as SQL.
+# only ever goes through placeholders.
 USER_COLUMNS = "id, email, created_at"
 
 
@@ -91,16 +119,15 @@ def connect() -> sqlite3.Connection:
     )
     connection.row_factory = row_as_dict
     connection.execute("PRAGMA foreign_keys = ON")  # off by default; cascades deletes
-    connection.execute("PRAGMA journal_mode = WAL")  # readers never wait for writers
     # Sync the disk at checkpoints, not at every commit: a crashed process loses
     # nothing, a power cut may lose the last commits (see the README's Limits).
     connection.execute("PRAGMA synchronous = NORMAL")
     return connection
 
 
-# The pool: opening a connection costs far more than a query, so lifespan (at the
-# end) opens 40 into app.state.pool, a queue. FastAPI runs `def` routes in 40 worker
-# threads, so more connections than that could never all be in use at once.
+# The pool: opening a connection costs far more than a query, so lifespan opens 40
+# once. FastAPI runs `def` routes in 40 worker threads, so more could never all be
+# in use at once.
 MAX_CONNECTIONS = 40
 
 
@@ -110,31 +137,62 @@ async def get_db(request: Request) -> AsyncIterator[sqlite3.Connection]:
     connection = await pool.get()  # async: it waits on the event loop, not a thread
     try:
         yield connection
-    finally:  # runs after the answer is sent: every write is already saved
+    finally:
         pool.put_nowait(connection)
 
 
-DB = Annotated[sqlite3.Connection, Depends(get_db)]
+# scope="function": the connection comes back when the route returns, before the
+# answer is sent, so a client that never reads its answer holds none. FastAPI calls
+# a dependency once per request: get_current_user and the route share the one.
+DB = Annotated[sqlite3.Connection, Depends(get_db, scope="function")]
+
+
+def run_script(db: sqlite3.Connection, script: str) -> None:
+    """Run an SQL script's statements one by one, inside the open transaction."""
+    # Not executescript(): it would COMMIT first, ending the transaction.
+    statement = ""
+    for line in script.splitlines(keepends=True):
+        statement += line
+        if sqlite3.complete_statement(statement):  # it ends with a `;`
+            db.execute(statement)
+            statement = ""
+
+
+def apply_schema(db: sqlite3.Connection) -> None:
+    """Create the tables in a new file, upgrade an older one, refuse any other."""
+    with db:  # COMMIT at the end, or ROLLBACK if refused: a refused file is untouched
+        db.execute("BEGIN IMMEDIATE")  # workers starting together take turns here
+        version = db.execute("PRAGMA user_version").fetchone()["user_version"]
+        tables = db.execute("SELECT count(*) AS count FROM sqlite_master").fetchone()
+        while tables["count"] and version in UPGRADES:
+            run_script(db, UPGRADES[version])
+            version += 1
+        if tables["count"] and version != SCHEMA_VERSION:
+            raise RuntimeError(
+                f"{settings.database_path} has schema version {version}, not "
+                f"{SCHEMA_VERSION}: move it away, and a new database is made at start."
+            )
+        run_script(db, SCHEMA)  # IF NOT EXISTS: only what is missing; the version
 
 
 def make_private(path: str) -> None:
-    """Let only the owner read the database: it holds every password hash."""
-    pathlib.Path(path).touch(mode=0o600)  # made before SQLite would make it 0644
+    """Let only the owner read the database files: they hold every password hash."""
     for name in (path, f"{path}-wal", f"{path}-shm"):
         with suppress(FileNotFoundError):
             os.chmod(name, 0o600)
 
 
-def apply_schema(db: sqlite3.Connection) -> None:
-    """Create what is missing; refuse a file made by another version of the schema."""
-    version = db.execute("PRAGMA user_version").fetchone()["user_version"]
-    tables = db.execute("SELECT count(*) AS count FROM sqlite_master").fetchone()
-    if tables["count"] and version != SCHEMA_VERSION:
-        raise RuntimeError(
-            f"{settings.database_path} has schema version {version}, not "
-            f"{SCHEMA_VERSION}: move it away, and a new database is made at start."
-        )
-    db.executescript(SCHEMA)
+def use_write_ahead_log(db: sqlite3.Connection) -> None:
+    """Switch the file to WAL, where readers never wait for a writer; it stays so."""
+    for _ in range(100):
+        try:
+            db.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError:  # "locked": a worker starting beside us
+            # SQLite answers this switch at once, not after the busy timeout (waiting
+            # could deadlock), so wait a moment and try again.
+            time.sleep(0.05)
+    raise RuntimeError(f"{settings.database_path} stayed locked: is it in use?")
 
 
 # --- Passwords and tokens ----------------------------------------------------
@@ -148,7 +206,9 @@ def prehash(password: str) -> bytes:
     """Reduce any password to 44 bytes, so every character counts in bcrypt."""
     # NFKC: the same password typed on another keyboard is the same password.
     text = unicodedata.normalize("NFKC", password)
-    digest = hmac.digest(PREHASH_KEY, text.encode(), "sha256")
+    # surrogatepass: a lone surrogate, which a form may decode to, is no error, just
+    # a wrong password (no account has one: a JSON body cannot carry it).
+    digest = hmac.digest(PREHASH_KEY, text.encode(errors="surrogatepass"), "sha256")
     return base64.b64encode(digest)  # printable: no NUL byte to stop bcrypt early
 
 
@@ -164,6 +224,19 @@ def verify_password(password: str, password_hash: bytes) -> bool:
 
 # Checked for an unknown email, so that its 401 takes as long and reveals nothing.
 DUMMY_HASH = hash_password("no account has this password")
+
+
+async def password_check_turn() -> AsyncIterator[None]:
+    """Hold a turn at bcrypt for as long as the route runs."""
+    yield
+
+
+# bcrypt keeps a core busy for a quarter of a second, so at most one check per core
+# runs at once. A login waiting for its turn waits on the event loop, holding no
+# thread and no connection, so a burst of logins leaves other routes answering.
+PASSWORD_CHECK = Depends(
+    password_check_turn, scope="function", max_concurrency=os.cpu_count() or 1
+)
 
 
 def signing_key(db: sqlite3.Connection) -> str:
@@ -247,8 +320,12 @@ CurrentUser = Annotated[dict, Depends(get_current_user)]
 
 # --- Models ------------------------------------------------------------------
 def normalize_email(address: str) -> str:
-    """Give every spelling of an address one form: email-validator's, lower-cased."""
-    return validate_email(address, check_deliverability=False).normalized.lower()
+    """Give every spelling of an address one form: email-validator's, case-folded."""
+    email = validate_email(address, check_deliverability=False)
+    # casefold(), not lower(): ΝΙΚΟΣ and νικος are one name (a final sigma). NFC
+    # again: folding can leave a letter and its accent as two code points.
+    local_part = unicodedata.normalize("NFC", email.local_part.casefold())
+    return f"{local_part}@{email.domain}"  # the domain: IDNA's form, lower-case
 
 
 def strip_title(title: str) -> str:
@@ -328,7 +405,7 @@ def health(db: DB) -> dict[str, str]:
     return {"status": "ok"}
 
 
-@auth_routes.post("/register", status_code=201)
+@auth_routes.post("/register", status_code=201, dependencies=[PASSWORD_CHECK])
 def register(new_user: UserCreate, db: DB, response: Response) -> User:
     """Create an account; the email must be free, however it is spelled."""
     insert = f"""
@@ -345,7 +422,7 @@ def register(new_user: UserCreate, db: DB, response: Response) -> User:
     return user
 
 
-@auth_routes.post("/token")
+@auth_routes.post("/token", dependencies=[PASSWORD_CHECK])
 def login(
     form: Annotated[OAuth2PasswordRequestForm, Depends()],  # what Authorize sends
     db: DB,
@@ -524,9 +601,12 @@ async def database_unavailable(request: Request, error: sqlite3.Error) -> Respon
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     """Prepare the database and the signing key, fill the pool, serve, then close."""
     # Blocking calls are fine here: no request is served until this yields.
-    make_private(settings.database_path)
-    with closing(connect()) as db:  # a connection's own `with` would not close it
-        apply_schema(db)
+    path = settings.database_path
+    os.close(os.open(path, os.O_CREAT, 0o600))  # a new file is private from the start
+    with closing(connect()) as db:  # `with db` alone would commit, but not close
+        apply_schema(db)  # first: a file it refuses is left exactly as it was
+        make_private(path)
+        use_write_ahead_log(db)
         app.state.signing_key = signing_key(db)
     app.state.pool = asyncio.Queue()
     for _ in range(MAX_CONNECTIONS):
