@@ -1713,6 +1713,18 @@ def test_the_errors_any_route_gives_are_sent_as_declared(client, auth, database)
         assert content_type in declared[str(status)]["content"], status
 
 
+def test_a_204_carries_no_body_and_no_content_type(client):
+    for method, path, operation in operations(client):
+        if "204" in operation["responses"]:
+            headers = log_in(client, f"{operation['operationId']}@example.com")
+            task = add_task(client, headers)
+            url = path.format(task_id=task["id"])
+            response = client.request(method, url, headers=headers)
+            assert response.status_code == 204, (method, path)
+            assert response.content == b"", (method, path)
+            assert "content-type" not in response.headers, (method, path)
+
+
 # --- The application: errors, startup, CORS ----------------------------------
 
 

@@ -413,7 +413,9 @@ def login(
     )
 
 
-@auth_routes.post("/logout", status_code=204, responses=UNAUTHORIZED)
+@auth_routes.post(
+    "/logout", status_code=204, response_class=Response, responses=UNAUTHORIZED
+)
 def logout(user: CurrentUser, db: DB) -> None:
     """Log out everywhere: every token of the caller issued until now is refused."""
     revoke = """
@@ -430,7 +432,7 @@ def read_me(user: CurrentUser) -> User:
     return user
 
 
-@user_routes.delete("", status_code=204)
+@user_routes.delete("", status_code=204, response_class=Response)
 def delete_me(user: CurrentUser, db: DB) -> None:
     """Delete the account and, through the foreign key, all of its tasks."""
     db.execute("DELETE FROM user WHERE id = ?", (user["id"],))
@@ -527,7 +529,9 @@ def replace_task(task_id: TaskId, task: TaskCreate, user: CurrentUser, db: DB) -
     return found(db.execute(update, values).fetchone())
 
 
-@task_routes.delete("/{task_id}", status_code=204, responses=NOT_FOUND)
+@task_routes.delete(
+    "/{task_id}", status_code=204, response_class=Response, responses=NOT_FOUND
+)
 def delete_task(task_id: TaskId, user: CurrentUser, db: DB) -> None:
     """Delete one of the caller's tasks."""
     delete = """
