@@ -1725,6 +1725,13 @@ def test_a_204_carries_no_body_and_no_content_type(client):
             assert "content-type" not in response.headers, (method, path)
 
 
+def test_every_tag_is_declared_with_a_description(client):
+    tags = client.get("/openapi.json").json()["tags"]
+    described = {tag["name"] for tag in tags if tag["description"]}
+    for method, path, operation in operations(client):
+        assert set(operation["tags"]) <= described, (method, path)
+
+
 # --- The application: errors, startup, CORS ----------------------------------
 
 
