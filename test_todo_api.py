@@ -1765,6 +1765,87 @@ def test_special_use_email_domains_are_refused(client, top_level):
     assert "special-use or reserved name" in response.json()["detail"][0]["msg"]
 
 
+# The errors API.md's table lists for each operation, 422 included; any route may
+# also answer 400, 413 and 503.
+LISTED_ERRORS = {
+    "health": {503},
+    "register": {409, 422},
+    "login": {401, 422, 429},
+    "logout": {401},
+    "read_me": {401},
+    "delete_me": {401},
+    "list_tasks": {401, 422},
+    "add_task": {401, 422},
+    "read_task": {401, 404, 422},
+    "edit_task": {401, 404, 422},
+    "replace_task": {401, 404, 422},
+    "delete_task": {401, 404, 422},
+}
+MESSAGE = {"$ref": "#/components/schemas/Message"}
+HEADERS = {"201": "Location", "401": "WWW-Authenticate", "429": "Retry-After"}
+
+
+def test_openapi_lists_every_error_of_every_route_with_its_body(client):
+    message = client.get("/openapi.json").json()["components"]["schemas"]["Message"]
+    assert message["properties"]["detail"]["type"] == "string"
+    assert message["required"] == ["detail"]
+    for method, path, operation in operations(client):
+        answers = operation["responses"]
+        errors = {int(status) for status in answers if int(status) >= 400}
+        listed = LISTED_ERRORS[operation["operationId"]] | {400, 413, 503}
+        assert errors == listed, (method, path)
+        for status in errors:
+            body = answers[str(status)]["content"]["application/json"]["schema"]
+            if status == 422:
+                assert body == {"$ref": "#/components/schemas/HTTPValidationError"}
+            else:
+                assert body == MESSAGE, (method, path, status)
+        for status, name in HEADERS.items():
+            if status in answers:
+                assert answers[status]["headers"][name]["required"], (path, status)
+
+
+def test_the_errors_any_route_gives_are_sent_as_declared(client, auth, database):
+    spec = client.get("/openapi.json").json()
+    declared = spec["paths"]["/tasks"]["post"]["responses"]
+    chunks = (b"x" * 65536 for _ in range(2))  # no Content-Length: sent in chunks
+    answers = [
+        client.post("/tasks", content=b'{"title": "\xff"}', headers=auth | JSON),
+        client.post("/tasks", content=b"x" * (MAX_BODY + 1), headers=auth | JSON),
+        client.post("/tasks", content=chunks, headers=auth | JSON),
+    ]
+    database.write_bytes(b"this is not a database" * 1000)
+    answers.append(client.post("/tasks", json={"title": "t"}, headers=auth))
+    sent = [(r.status_code, r.headers["content-type"].split(";")[0]) for r in answers]
+    assert sent == [
+        (400, "application/json"),
+        (413, "text/plain"),  # its declared length was over the limit
+        (413, "application/json"),
+        (503, "application/json"),
+    ]
+    for status, content_type in sent:
+        assert content_type in declared[str(status)]["content"], status
+
+
+def test_a_204_carries_no_body_and_no_content_type(client):
+    for method, path, operation in operations(client):
+        if "204" in operation["responses"]:
+            headers = log_in(client, f"{operation['operationId']}@example.com")
+            task = add_task(client, headers)
+            url = path.format(task_id=task["id"])
+            response = client.request(method, url, headers=headers)
+            assert response.status_code == 204, (method, path)
+            assert response.content == b"", (method, path)
+            assert "content-type" not in response.headers, (method, path)
+
+
+def test_every_tag_is_declared_with_a_description(client):
+    tags = client.get("/openapi.json").json()["tags"]
+    described = {tag["name"] for tag in tags if tag["description"]}
+    for method, path, operation in operations(client):
+        assert set(operation["tags"]) <= described, (method, path)
+
+
 # --- The application: errors, startup, CORS ----------------------------------
 
 

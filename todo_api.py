@@ -389,13 +389,47 @@ class Task(BaseModel):
 TASK_COLUMNS = ", ".join(Task.model_fields)
 
 
+# Every error a route can answer is declared (responses=), so that a generated client
+# types each one it gets; the routes raise them. Each JSON error but 422 is a Message.
+class Message(BaseModel):
+    detail: str
+
+
+def header(description: str) -> dict:
+    """Declare a header that every answer of one status carries."""
+    return {"description": description, "required": True, "schema": {"type": "string"}}
+
+
+def error(description: str, **more: Any) -> dict:
+    """Declare an error answer: what it means, its {"detail": ...} body, and more."""
+    return {"model": Message, "description": description, **more}
+
+
+CREATED = {201: {"headers": {"Location": header("Where the new resource is")}}}
+CHALLENGE = {"WWW-Authenticate": header("Bearer")}
+UNAUTHORIZED = {401: error("No token, or a bad or revoked one", headers=CHALLENGE)}
+WRONG_LOGIN = {401: error("Incorrect email or password", headers=CHALLENGE)}
+NOT_FOUND = {404: error("Task not found")}
+EMAIL_TAKEN = {409: error("Email already registered")}
+RETRY_AFTER = {"Retry-After": header("Whole seconds until the window ends")}
+TOO_MANY = {429: error("Too many failed logins", headers=RETRY_AFTER)}
+# Any route may answer these. A body declared over the limit, and uvicorn beyond
+# --limit-concurrency, get plain text: they are answered before the app.
+PLAIN_TEXT = {"text/plain": {"schema": {"type": "string"}}}
+ANY_ROUTE = {
+    400: error("The body is not UTF-8"),
+    413: error("The body is over 64 KiB", content=PLAIN_TEXT),
+    503: error("The database cannot answer", content=PLAIN_TEXT),
+}
+
+
 # --- Routes ------------------------------------------------------------------
 INCORRECT_LOGIN = "Incorrect email or password"
 
 health_routes = APIRouter(tags=["health"])
 auth_routes = APIRouter(prefix="/auth", tags=["auth"])
-user_routes = APIRouter(prefix="/users/me", tags=["users"])
-task_routes = APIRouter(prefix="/tasks", tags=["tasks"])
+user_routes = APIRouter(prefix="/users/me", tags=["users"], responses=UNAUTHORIZED)
+task_routes = APIRouter(prefix="/tasks", tags=["tasks"], responses=UNAUTHORIZED)
 
 
 @health_routes.get("/health")
@@ -405,7 +439,12 @@ def health(db: DB) -> dict[str, str]:
     return {"status": "ok"}
 
 
-@auth_routes.post("/register", status_code=201, dependencies=[PASSWORD_CHECK])
+@auth_routes.post(
+    "/register",
+    status_code=201,
+    dependencies=[PASSWORD_CHECK],
+    responses=CREATED | EMAIL_TAKEN,
+)
 def register(new_user: UserCreate, db: DB, response: Response) -> User:
     """Create an account; the email must be free, however it is spelled."""
     insert = f"""
@@ -422,7 +461,9 @@ def register(new_user: UserCreate, db: DB, response: Response) -> User:
     return user
 
 
-@auth_routes.post("/token", dependencies=[PASSWORD_CHECK])
+@auth_routes.post(
+    "/token", dependencies=[PASSWORD_CHECK], responses=WRONG_LOGIN | TOO_MANY
+)
 def login(
     form: Annotated[OAuth2PasswordRequestForm, Depends()],  # what Authorize sends
     db: DB,
@@ -456,7 +497,9 @@ def login(
     )
 
 
-@auth_routes.post("/logout", status_code=204)
+@auth_routes.post(
+    "/logout", status_code=204, response_class=Response, responses=UNAUTHORIZED
+)
 def logout(user: CurrentUser, db: DB) -> None:
     """Log out everywhere: every token of the caller issued until now is refused."""
     revoke = """
@@ -473,7 +516,7 @@ def read_me(user: CurrentUser) -> User:
     return user
 
 
-@user_routes.delete("", status_code=204)
+@user_routes.delete("", status_code=204, response_class=Response)
 def delete_me(user: CurrentUser, db: DB) -> None:
     """Delete the account and, through the foreign key, all of its tasks."""
     db.execute("DELETE FROM user WHERE id = ?", (user["id"],))
@@ -501,7 +544,7 @@ def list_tasks(
     return db.execute(query, (user["id"], done, limit, offset)).fetchall()
 
 
-@task_routes.post("", status_code=201)
+@task_routes.post("", status_code=201, responses=CREATED)
 @task_routes.post("/", status_code=201, include_in_schema=False)
 def add_task(task: TaskCreate, user: CurrentUser, db: DB, response: Response) -> Task:
     """Add a task for the caller."""
@@ -527,7 +570,7 @@ def found(task: dict | None) -> dict:
     return task
 
 
-@task_routes.get("/{task_id}")
+@task_routes.get("/{task_id}", responses=NOT_FOUND)
 def read_task(task_id: TaskId, user: CurrentUser, db: DB) -> Task:
     """Show one of the caller's tasks; another user's task does not exist for them."""
     query = f"""
@@ -538,7 +581,7 @@ def read_task(task_id: TaskId, user: CurrentUser, db: DB) -> Task:
     return found(db.execute(query, (task_id, user["id"])).fetchone())
 
 
-@task_routes.patch("/{task_id}")
+@task_routes.patch("/{task_id}", responses=NOT_FOUND)
 def edit_task(task_id: TaskId, changes: TaskUpdate, user: CurrentUser, db: DB) -> Task:
     """Change the fields sent with a value; the others keep theirs."""
     # coalesce(:title, title): a null (left out, or sent) keeps the stored value.
@@ -556,7 +599,7 @@ def edit_task(task_id: TaskId, changes: TaskUpdate, user: CurrentUser, db: DB) -
     return found(db.execute(update, values).fetchone())
 
 
-@task_routes.put("/{task_id}")
+@task_routes.put("/{task_id}", responses=NOT_FOUND)
 def replace_task(task_id: TaskId, task: TaskCreate, user: CurrentUser, db: DB) -> Task:
     """Replace a task: fields left out go back to their defaults."""
     update = f"""
@@ -570,7 +613,9 @@ def replace_task(task_id: TaskId, task: TaskCreate, user: CurrentUser, db: DB) -
     return found(db.execute(update, values).fetchone())
 
 
-@task_routes.delete("/{task_id}", status_code=204)
+@task_routes.delete(
+    "/{task_id}", status_code=204, response_class=Response, responses=NOT_FOUND
+)
 def delete_task(task_id: TaskId, user: CurrentUser, db: DB) -> None:
     """Delete one of the caller's tasks."""
     delete = """
@@ -624,7 +669,14 @@ app = FastAPI(
         RequestValidationError: invalid_request,
         sqlite3.Error: database_unavailable,
     },
+    responses=ANY_ROUTE,
     generate_unique_id_function=lambda route: route.name,  # operationId: the function
+    openapi_tags=[  # /docs groups the routes under these, in this order
+        {"name": "auth", "description": "Register, log in for a token, log out."},
+        {"name": "users", "description": "The logged-in user's account."},
+        {"name": "tasks", "description": "The logged-in user's tasks."},
+        {"name": "health", "description": "Whether the database answers."},
+    ],
     swagger_ui_parameters={"persistAuthorization": True},  # stay logged in on reload
 )
 for routes in (health_routes, auth_routes, user_routes, task_routes):
