@@ -196,20 +196,23 @@ def use_write_ahead_log(db: sqlite3.Connection) -> None:
 
 
 # --- Passwords and tokens ----------------------------------------------------
-# bcrypt reads at most 72 bytes (bcrypt 5 refuses more), so a password is first
-# reduced to 44: an HMAC-SHA256 digest in base64. The fixed label, no secret, makes
-# it no plain SHA-256 that another site's leak could test ("password shucking").
+# Before bcrypt sees a password, prehash() takes three steps:
+# 1. NFKC: the same password typed on another keyboard becomes the same text.
+# 2. HMAC-SHA256: 32 bytes, however long the password. bcrypt reads at most 72
+#    bytes (bcrypt 5 refuses more), so now every character counts. The key is a
+#    fixed label, no secret: it makes the digest no plain SHA-256, which another
+#    site's leaked hashes could be tested against ("password shucking").
+# 3. base64: 44 printable bytes, with no NUL byte to end bcrypt's input early.
 PREHASH_KEY = b"todo-api password v1"
 
 
 def prehash(password: str) -> bytes:
     """Reduce any password to 44 bytes, so every character counts in bcrypt."""
-    # NFKC: the same password typed on another keyboard is the same password.
     text = unicodedata.normalize("NFKC", password)
     # surrogatepass: a lone surrogate, which a form may decode to, is no error, just
     # a wrong password (no account has one: a JSON body cannot carry it).
     digest = hmac.digest(PREHASH_KEY, text.encode(errors="surrogatepass"), "sha256")
-    return base64.b64encode(digest)  # printable: no NUL byte to stop bcrypt early
+    return base64.b64encode(digest)
 
 
 def hash_password(password: str) -> bytes:
@@ -255,6 +258,8 @@ def create_access_token(key: str, user_id: int, version: int) -> str:
     """Sign a token naming the user and its token version, valid for a while."""
     now = datetime.now(UTC)
     expires = now + timedelta(minutes=settings.access_token_expire_minutes)
+    # JWT's registered claims: sub names the user (a string, as the standard asks),
+    # iat and exp say when it was issued and when it expires; ver is our own.
     claims = {"sub": str(user_id), "ver": version, "iat": now, "exp": expires}
     return jwt.encode(claims, key, algorithm="HS256")
 
@@ -584,7 +589,8 @@ def read_task(task_id: TaskId, user: CurrentUser, db: DB) -> Task:
 @task_routes.patch("/{task_id}", responses=NOT_FOUND)
 def edit_task(task_id: TaskId, changes: TaskUpdate, user: CurrentUser, db: DB) -> Task:
     """Change the fields sent with a value; the others keep theirs."""
-    # coalesce(:title, title): a null (left out, or sent) keeps the stored value.
+    # coalesce(:title, title): a null (left out, or sent) keeps the stored value,
+    # so a PATCH cannot clear a description or a due date; a PUT does.
     # One statement, so two PATCHes at once cannot undo each other's fields.
     update = f"""
         UPDATE task
@@ -664,7 +670,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 app = FastAPI(
     title="Todo API",
     lifespan=lifespan,
-    max_body_size=64 * 1024,  # 413 once a body crosses 64 KiB, as it is read
+    # FastAPI's own limit (its docs: Request Body Limits): 413 once a body crosses
+    # 64 KiB, as it is read, so a huge body never fills the memory.
+    max_body_size=64 * 1024,
     exception_handlers={
         RequestValidationError: invalid_request,
         sqlite3.Error: database_unavailable,
