@@ -1965,7 +1965,7 @@ def test_with_a_key_of_its_own_the_database_holds_no_key(client, database):
 
 def test_a_fresh_database_gets_the_schemas_version(client, database):
     version = sqlite3.connect(database).execute("PRAGMA user_version").fetchone()
-    assert version == (todo_api.SCHEMA_VERSION,) == (2,)  # what schema.sql sets
+    assert version == (todo_api.SCHEMA_VERSION,)  # what schema.sql sets
 
 
 @pytest.mark.parametrize("version", [0, 1, 99], ids=["first", "older", "newer"])
@@ -1980,7 +1980,8 @@ def test_a_database_of_another_version_is_refused_and_left_as_it_was(database, v
     with pytest.raises(RuntimeError) as error, TestClient(app):
         pass
     assert str(error.value) == (
-        f"{database} has schema version {version}, not 2: move it away, and a new "
+        f"{database} has schema version {version}, not {todo_api.SCHEMA_VERSION}: "
+        "move it away, and a new "
         "database is made at start."
     )
     assert database.read_bytes() == before  # its bytes, its mode, its journal mode
@@ -1989,23 +1990,21 @@ def test_a_database_of_another_version_is_refused_and_left_as_it_was(database, v
     assert journal == ("delete",)
 
 
-# A task field added as the README's "Add a field, keeping your data" adds one.
-PRIORITY = "priority INTEGER NOT NULL DEFAULT 0"
-
-
-def with_priority(module):
-    """Give the app a priority column on tasks: schema version 3, with its step."""
+def with_one_more_version(module):
+    """Raise the app's schema version by one, with a step that adds a column."""
+    version = module.SCHEMA_VERSION
     module.SCHEMA = module.SCHEMA.replace(
-        "  due_date TEXT,", f"  due_date TEXT,\n  {PRIORITY},"
-    ).replace("PRAGMA user_version = 2;", "PRAGMA user_version = 3;")
-    module.SCHEMA_VERSION = 3
-    module.UPGRADES = {2: f"ALTER TABLE task ADD COLUMN {PRIORITY};"}
+        f"PRAGMA user_version = {version};", f"PRAGMA user_version = {version + 1};"
+    )
+    module.SCHEMA_VERSION = version + 1
+    step = "ALTER TABLE task ADD COLUMN mark INTEGER NOT NULL DEFAULT 0;"
+    module.UPGRADES = module.UPGRADES | {version: step}
 
 
 def start_on_each(upgrade):
     """In a child process: start and stop the app on each file named on stdin."""
     if upgrade:
-        with_priority(todo_api)
+        with_one_more_version(todo_api)
     for path in iter(sys.stdin.readline, ""):
         settings.database_path = path.strip()
         try:
@@ -2074,7 +2073,8 @@ def test_two_workers_starting_together_on_a_new_file_both_start(tmp_path):
     for path in paths:
         new = sqlite3.connect(path)
         assert new.execute("PRAGMA journal_mode").fetchone() == ("wal",)
-        assert new.execute("PRAGMA user_version").fetchone() == (2,)
+        version = new.execute("PRAGMA user_version").fetchone()
+        assert version == (todo_api.SCHEMA_VERSION,)
 
 
 def test_an_upgrade_step_keeps_every_row_and_runs_once_with_two_workers(
@@ -2088,10 +2088,11 @@ def test_an_upgrade_step_keeps_every_row_and_runs_once_with_two_workers(
     for path in paths:  # had both applied the step, one would have failed
         upgraded = sqlite3.connect(path)
         upgraded.row_factory = sqlite3.Row
-        assert upgraded.execute("PRAGMA user_version").fetchone()[0] == 3
+        version = upgraded.execute("PRAGMA user_version").fetchone()[0]
+        assert version == todo_api.SCHEMA_VERSION + 1
         rows = upgraded.execute("SELECT * FROM task ORDER BY id").fetchall()
         assert [row["title"] for row in rows] == [task["title"] for task in tasks]
-        assert [row["priority"] for row in rows] == [0, 0, 0]
+        assert [row["mark"] for row in rows] == [0, 0, 0]
 
 
 def test_two_workers_on_a_file_of_an_unknown_version_both_refuse(database):
@@ -2099,8 +2100,8 @@ def test_two_workers_on_a_file_of_an_unknown_version_both_refuse(database):
     with closing(sqlite3.connect(database)) as other:
         other.execute("PRAGMA user_version = 7")
     before = database.read_bytes()
-    refused = f"{database} has schema version 7, not 2: move it away, and a new "
-    refused += "database is made at start."
+    refused = f"{database} has schema version 7, not {todo_api.SCHEMA_VERSION}: "
+    refused += "move it away, and a new database is made at start."
     assert start_two_at_once([database]) == [[refused, refused]]
     assert database.read_bytes() == before
 
@@ -2121,7 +2122,8 @@ def test_the_server_exits_on_an_old_database_and_says_what_to_do(tmp_path):
         timeout=60,
     )
     assert result.returncode != 0
-    assert "todo.db has schema version 0, not 2: move it away" in result.stderr
+    refused = f"todo.db has schema version 0, not {todo_api.SCHEMA_VERSION}: move"
+    assert refused in result.stderr
 
 
 def test_no_422_echoes_what_was_sent(client, auth):
