@@ -144,15 +144,6 @@ JSON = {"content-type": "application/json"}
 FORM = {"content-type": "application/x-www-form-urlencoded"}
 
 
-# Every way to reach one task by its id, with a body where the method takes one.
-BY_ID = [
-    ("GET", None),
-    ("PATCH", {"done": True}),
-    ("PUT", {"title": "mine now"}),
-    ("DELETE", None),
-]
-
-
 def operations(client):
     spec = client.get("/openapi.json").json()
     for path, methods in spec["paths"].items():
@@ -373,6 +364,33 @@ def test_every_private_route_needs_a_token(client):
             )
             assert response.json() == {"detail": detail}
             assert response.headers["www-authenticate"] == "Bearer"
+
+
+def test_another_users_task_does_not_exist(client, auth):
+    """Guard: a task query without `AND owner_id = ?` serves anyone (OWASP API1)."""
+    spec = client.get("/openapi.json").json()
+    intruder = log_in(client, "eve@example.com")
+    fields = {"title": "Ada's", "description": "hers", "due_date": "2026-12-01"}
+    for method, path, operation in served_routes(spec):
+        if "{task_id}" not in path:
+            continue
+        task = add_task(client, auth, **fields)
+        request = request_for(spec, method, path, operation, task["id"])
+        response = client.request(**request, headers=intruder)
+        assert response.status_code != 422, (
+            f"{method} {path}: the guard built no valid request from /openapi.json: "
+            f"{response.text}"
+        )
+        assert response.status_code == 404, (
+            f"{method} {path} answers {response.status_code} to another user: its "
+            "query needs `AND owner_id = ?` (OWASP API1)"
+        )
+        assert response.json() == {"detail": "Task not found"}
+        assert client.get(f"/tasks/{task['id']}", headers=auth).json() == task, (
+            f"{method} {path} changed another user's task: its query needs "
+            "`AND owner_id = ?` (OWASP API1)"
+        )
+    assert client.get("/tasks", headers=intruder).json() == []
 
 
 # --- Settings ----------------------------------------------------------------
@@ -1595,24 +1613,14 @@ def test_delete_task(client, auth):
     assert client.get(f"/tasks/{task['id']}", headers=auth).status_code == 404
 
 
-@pytest.mark.parametrize(("method", "body"), BY_ID)
-def test_missing_task_is_404(client, auth, method, body):
-    response = client.request(method, "/tasks/1", json=body, headers=auth)
-    assert response.status_code == 404
-    assert response.json() == {"detail": "Task not found"}
-
-
-@pytest.mark.parametrize(("method", "body"), BY_ID)
-def test_another_users_task_does_not_exist(client, auth, method, body):
-    task = add_task(client, auth, title="Ada's")
-    intruder = log_in(client, "eve@example.com")
-    response = client.request(
-        method, f"/tasks/{task['id']}", json=body, headers=intruder
-    )
-    assert response.status_code == 404
-    assert response.json() == {"detail": "Task not found"}
-    assert client.get("/tasks", headers=intruder).json() == []
-    assert client.get(f"/tasks/{task['id']}", headers=auth).json() == task
+def test_missing_task_is_404(client, auth):
+    spec = client.get("/openapi.json").json()
+    for method, path, operation in served_routes(spec):
+        if "{task_id}" in path:
+            request = request_for(spec, method, path, operation, task_id=1)
+            response = client.request(**request, headers=auth)
+            assert response.status_code == 404, (method, path, response.text)
+            assert response.json() == {"detail": "Task not found"}
 
 
 @pytest.mark.parametrize(
