@@ -263,11 +263,45 @@ def read_answer(connection):
 
 DOCS = {"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
 PUBLIC = {"/health", "/auth/register", "/auth/token", *DOCS}  # no token needed
+SERVER_ONLY = {"password_hash", "owner_id", "token_version"}  # never in an answer
+BCRYPT_HASH = re.compile(r"\$2[aby]\$\d\d\$[./A-Za-z0-9]{53}")
 FORMATS = {
     "date": "2030-01-02",
     "date-time": "2030-01-02T03:04:05Z",
     "email": "someone@example.com",
 }
+
+
+def keys_in(value):
+    """Every key of every object in a JSON value, however deeply nested."""
+    if isinstance(value, dict):
+        return set(value).union(*map(keys_in, value.values()))
+    if isinstance(value, list):
+        return set().union(*map(keys_in, value))
+    return set()
+
+
+@pytest.fixture(autouse=True)
+def no_answer_carries_a_secret(monkeypatch):
+    """Check every answer every test gets, from a TestClient or a real server."""
+    send = httpx2.Client.send  # what every httpx2 client, TestClient too, calls
+
+    def checked_send(http_client, request, **options):
+        response = send(http_client, request, **options)
+        response.read()
+        leaked = {"a bcrypt hash"} if BCRYPT_HASH.search(response.text) else set()
+        # The OpenAPI document names fields; it carries no one's data.
+        is_json = response.headers.get("content-type") == "application/json"
+        if is_json and response.content and request.url.path not in DOCS:
+            leaked |= keys_in(response.json()) & SERVER_ONLY
+        assert not leaked, (
+            f"{request.method} {request.url.path} answered {sorted(leaked)}: the "
+            "server keeps these to itself; return a response model, not a raw row "
+            "(OWASP API3)"
+        )
+        return response
+
+    monkeypatch.setattr(httpx2.Client, "send", checked_send)
 
 
 def served_routes(spec):
@@ -391,6 +425,21 @@ def test_another_users_task_does_not_exist(client, auth):
             "`AND owner_id = ?` (OWASP API1)"
         )
     assert client.get("/tasks", headers=intruder).json() == []
+
+
+def test_no_route_answers_what_the_server_keeps(client):
+    """Guard: an answer that leaks password_hash, owner_id or token_version (API3)."""
+    # no_answer_carries_a_secret checks each answer; this calls every route once.
+    spec = client.get("/openapi.json").json()
+    for number, (method, path, operation) in enumerate(served_routes(spec)):
+        # A user of its own each: the logout and the account's delete end theirs.
+        headers = log_in(client, f"user{number}@example.com")
+        task = add_task(client, headers)
+        request = request_for(spec, method, path, operation, task["id"])
+        response = client.request(**request, headers=headers)
+        assert response.status_code != 422 and response.status_code < 500, (
+            f"{method} {path} answers {response.status_code}: {response.text}"
+        )
 
 
 # --- Settings ----------------------------------------------------------------
