@@ -264,6 +264,7 @@ def read_answer(connection):
 DOCS = {"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
 PUBLIC = {"/health", "/auth/register", "/auth/token", *DOCS}  # no token needed
 SERVER_ONLY = {"password_hash", "owner_id", "token_version"}  # never in an answer
+SERVER_SET = {"id", "owner_id", "created_at", "token_version"}  # never in a body
 BCRYPT_HASH = re.compile(r"\$2[aby]\$\d\d\$[./A-Za-z0-9]{53}")
 FORMATS = {
     "date": "2030-01-02",
@@ -375,6 +376,14 @@ def request_for(spec, method, path, operation, task_id=1):
     return request
 
 
+def body_schema(spec, operation):
+    """The schema of an operation's request body, or None if it takes none."""
+    if "requestBody" not in operation:
+        return None
+    [content, *_] = operation["requestBody"]["content"].values()
+    return resolved(spec, content["schema"])
+
+
 def test_every_private_route_needs_a_token(client):
     """Guard: a route without CurrentUser answers anyone (OWASP API2)."""
     spec = client.get("/openapi.json").json()
@@ -439,6 +448,55 @@ def test_no_route_answers_what_the_server_keeps(client):
         response = client.request(**request, headers=headers)
         assert response.status_code != 422 and response.status_code < 500, (
             f"{method} {path} answers {response.status_code}: {response.text}"
+        )
+
+
+def test_no_request_body_sets_what_the_server_sets(client):
+    """Guard: a request model with id, owner_id, created_at or token_version (API3)."""
+    spec = client.get("/openapi.json").json()
+    for method, path, operation in served_routes(spec):
+        schema = body_schema(spec, operation) or {}
+        settable = set(schema.get("properties", {})) & SERVER_SET
+        assert not settable, (
+            f"{method} {path} lets a client set {sorted(settable)}: the server sets "
+            "these; leave them out of the request model (OWASP API3)"
+        )
+
+
+def test_every_json_list_has_a_bounded_limit(client):
+    """Guard: a list with no bounded `limit` reads a whole table (OWASP API4)."""
+    spec = client.get("/openapi.json").json()
+    for method, path, operation in served_routes(spec):
+        answers = [
+            resolved(spec, content["schema"])
+            for status, answer in operation.get("responses", {}).items()
+            if status.startswith("2")
+            for content_type, content in answer.get("content", {}).items()
+            if content_type == "application/json"
+        ]
+        kinds = {
+            choice.get("type")
+            for answer in answers
+            for choice in [answer, *answer.get("anyOf", [])]
+        }
+        if "array" not in kinds:
+            continue
+        limits = [
+            parameter
+            for parameter in operation.get("parameters", [])
+            if (parameter["in"], parameter["name"]) == ("query", "limit")
+        ]
+        limit = limits[0] if limits else {"schema": {}}
+        choices = limit["schema"].get("anyOf", [limit["schema"]])
+        # A maximum, and a value always given: a default of null reads every row.
+        given = limit.get("required") or limit["schema"].get("default") is not None
+        bounded = given and all(
+            "maximum" in choice for choice in choices if choice.get("type") != "null"
+        )
+        assert bounded, (
+            f"{method} {path} answers a JSON list without a bounded `limit`: add "
+            "`limit: Annotated[int, Query(ge=1, le=100)] = 100` and use it in the "
+            "query's LIMIT (OWASP API4)"
         )
 
 
