@@ -27,6 +27,7 @@ import bcrypt
 import httpx2
 import jwt
 import pytest
+from fastapi.routing import iter_route_contexts
 from fastapi.testclient import TestClient
 from pydantic import SecretStr
 
@@ -146,15 +147,6 @@ JSON = {"content-type": "application/json"}
 FORM = {"content-type": "application/x-www-form-urlencoded"}
 
 
-# Every way to reach one task by its id, with a body where the method takes one.
-BY_ID = [
-    ("GET", None),
-    ("PATCH", {"done": True}),
-    ("PUT", {"title": "mine now"}),
-    ("DELETE", None),
-]
-
-
 def operations(client):
     spec = client.get("/openapi.json").json()
     for path, methods in spec["paths"].items():
@@ -266,6 +258,250 @@ def read_answer(connection):
         assert received, f"the connection closed after {answer!r}"
         body += received
     return head, body
+
+
+# --- Guards: what every route must do ----------------------------------------
+# These read the routes from the app and what each needs from /openapi.json, so a
+# route a learner adds is checked as it is added; each names the mistake it catches.
+
+DOCS = {"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
+PUBLIC = {"/health", "/auth/register", "/auth/token", *DOCS}  # no token needed
+SERVER_ONLY = {"password_hash", "owner_id", "token_version"}  # never in an answer
+SERVER_SET = {"id", "owner_id", "created_at", "token_version"}  # never in a body
+BCRYPT_HASH = re.compile(r"\$2[aby]\$\d\d\$[./A-Za-z0-9]{53}")
+FORMATS = {
+    "date": "2030-01-02",
+    "date-time": "2030-01-02T03:04:05Z",
+    "email": "someone@example.com",
+}
+
+
+def keys_in(value):
+    """Every key of every object in a JSON value, however deeply nested."""
+    if isinstance(value, dict):
+        return set(value).union(*map(keys_in, value.values()))
+    if isinstance(value, list):
+        return set().union(*map(keys_in, value))
+    return set()
+
+
+@pytest.fixture(autouse=True)
+def no_answer_carries_a_secret(monkeypatch):
+    """Check every answer every test gets, from a TestClient or a real server."""
+    send = httpx2.Client.send  # what every httpx2 client, TestClient too, calls
+
+    def checked_send(http_client, request, **options):
+        response = send(http_client, request, **options)
+        response.read()
+        leaked = {"a bcrypt hash"} if BCRYPT_HASH.search(response.text) else set()
+        # The OpenAPI document names fields; it carries no one's data.
+        content_type = response.headers.get("content-type", "")
+        is_json = content_type.startswith("application/json")
+        if is_json and response.content and request.url.path not in DOCS:
+            leaked |= keys_in(response.json()) & SERVER_ONLY
+        assert not leaked, (
+            f"{request.method} {request.url.path} answered {sorted(leaked)}: the "
+            "server keeps these to itself; return a response model, not a raw row "
+            "(OWASP API3)"
+        )
+        return response
+
+    monkeypatch.setattr(httpx2.Client, "send", checked_send)
+
+
+def served_routes(spec):
+    """Every (method, path, operation) the app serves, read from its routes.
+
+    A route hidden from /docs (/tasks/) is described by the documented route with
+    the same function; the docs' own routes have no operation: {}.
+    """
+    routes = list(iter_route_contexts(app.routes))  # included routers, flattened
+    documented = {
+        route.endpoint: spec["paths"].get(route.path_format, {})
+        for route in routes
+        if getattr(route, "include_in_schema", False)
+    }
+    for route in routes:
+        for method in sorted(set(route.methods or ()) - {"HEAD"}):
+            operations = documented.get(route.endpoint, {})
+            if getattr(route, "include_in_schema", False):
+                operations = spec["paths"].get(route.path_format, {})
+            yield method, route.path, operations.get(method.lower(), {})
+
+
+def resolved(spec, schema):
+    """Return the schema a `$ref` names, or the schema itself."""
+    while "$ref" in schema:
+        schema = spec["components"]["schemas"][schema["$ref"].split("/")[-1]]
+    return schema
+
+
+def example_of(spec, schema):
+    """Make a value the schema accepts; where null is allowed, a value all the same."""
+    schema = resolved(spec, schema)
+    choices = schema.get("anyOf") or schema.get("oneOf") or schema.get("allOf") or []
+    choices = [choice for choice in choices if choice.get("type") != "null"]
+    if choices:
+        return example_of(spec, choices[0])
+    if "enum" in schema:
+        return schema["enum"][0]
+    kind = schema.get("type")
+    if kind == "object":
+        properties = schema.get("properties", {})
+        return {name: example_of(spec, field) for name, field in properties.items()}
+    if kind == "array":
+        return [example_of(spec, schema.get("items", {}))] * schema.get("minItems", 1)
+    if kind == "boolean":
+        return True
+    if kind in ("integer", "number"):
+        low = max(1, schema.get("minimum", 1), schema.get("exclusiveMinimum", 0) + 1)
+        return min(low, schema.get("maximum", low))
+    if "pattern" in schema:  # taken as a literal, as the login form's ^password$ is
+        return schema["pattern"].strip("^$")
+    return FORMATS.get(schema.get("format"), "x").ljust(schema.get("minLength", 0), "x")
+
+
+def request_for(spec, method, path, operation, task_id=1):
+    """Build a request the route accepts, from its operation, naming this task."""
+    values = {"task_id": task_id}
+    query = {}
+    for parameter in operation.get("parameters", []):
+        value = example_of(spec, parameter["schema"])
+        if parameter["in"] == "path":
+            values.setdefault(parameter["name"], value)
+        elif parameter["in"] == "query" and parameter.get("required"):
+            query[parameter["name"]] = value
+    url = re.sub(r"{(\w+)[^}]*}", lambda name: str(values.get(name[1], 1)), path)
+    request = {"method": method, "url": url, "params": query}
+    if "requestBody" in operation:
+        [(content_type, content), *_] = operation["requestBody"]["content"].items()
+        json_or_form = "json" if content_type == "application/json" else "data"
+        request[json_or_form] = example_of(spec, content["schema"])
+    return request
+
+
+def body_schema(spec, operation):
+    """The schema of an operation's request body, or None if it takes none."""
+    if "requestBody" not in operation:
+        return None
+    [content, *_] = operation["requestBody"]["content"].values()
+    return resolved(spec, content["schema"])
+
+
+def test_every_private_route_needs_a_token(client):
+    """Guard: a route without CurrentUser answers anyone (OWASP API2)."""
+    spec = client.get("/openapi.json").json()
+    routes = list(served_routes(spec))
+    assert PUBLIC <= {path for _, path, _ in routes}  # each public route is served
+    task = add_task(client, log_in(client))
+    other_key = "another-secret-key-that-is-long-enough-for-hs256"
+    bad_token = {"Authorization": f"Bearer {token_for(1, key=other_key)}"}
+    for method, path, operation in routes:
+        if path in PUBLIC:
+            continue
+        request = request_for(spec, method, path, operation, task["id"])
+        for how, headers, detail in [
+            ("without a token", {}, "Not authenticated"),
+            ("with a bad token", bad_token, BAD_TOKEN["detail"]),
+        ]:
+            response = client.request(**request, headers=headers)
+            assert response.status_code == 401, (
+                f"{method} {path} answers {response.status_code} {how}: a private "
+                "route needs CurrentUser (OWASP API2)"
+            )
+            assert response.json() == {"detail": detail}
+            assert response.headers["www-authenticate"] == "Bearer"
+
+
+def test_another_users_task_does_not_exist(client, auth):
+    """Guard: a task query without `AND owner_id = ?` serves anyone (OWASP API1)."""
+    spec = client.get("/openapi.json").json()
+    intruder = log_in(client, "eve@example.com")
+    fields = {"title": "Ada's", "description": "hers", "due_date": "2026-12-01"}
+    for method, path, operation in served_routes(spec):
+        if "{task_id}" not in path:
+            continue
+        task = add_task(client, auth, **fields)
+        request = request_for(spec, method, path, operation, task["id"])
+        response = client.request(**request, headers=intruder)
+        assert response.status_code != 422, (
+            f"{method} {path}: the guard built no valid request from /openapi.json: "
+            f"{response.text}"
+        )
+        assert response.status_code == 404, (
+            f"{method} {path} answers {response.status_code} to another user: its "
+            "query needs `AND owner_id = ?` (OWASP API1)"
+        )
+        assert response.json() == {"detail": "Task not found"}
+        assert client.get(f"/tasks/{task['id']}", headers=auth).json() == task, (
+            f"{method} {path} changed another user's task: its query needs "
+            "`AND owner_id = ?` (OWASP API1)"
+        )
+    assert client.get("/tasks", headers=intruder).json() == []
+
+
+def test_no_route_answers_what_the_server_keeps(client):
+    """Guard: an answer that leaks password_hash, owner_id or token_version (API3)."""
+    # no_answer_carries_a_secret checks each answer; this calls every route once.
+    spec = client.get("/openapi.json").json()
+    for number, (method, path, operation) in enumerate(served_routes(spec)):
+        # A user of its own each: the logout and the account's delete end theirs.
+        headers = log_in(client, f"user{number}@example.com")
+        task = add_task(client, headers)
+        request = request_for(spec, method, path, operation, task["id"])
+        response = client.request(**request, headers=headers)
+        assert response.status_code != 422 and response.status_code < 500, (
+            f"{method} {path} answers {response.status_code}: {response.text}"
+        )
+
+
+def test_no_request_body_sets_what_the_server_sets(client):
+    """Guard: a request model with id, owner_id, created_at or token_version (API3)."""
+    spec = client.get("/openapi.json").json()
+    for method, path, operation in served_routes(spec):
+        schema = body_schema(spec, operation) or {}
+        settable = set(schema.get("properties", {})) & SERVER_SET
+        assert not settable, (
+            f"{method} {path} lets a client set {sorted(settable)}: the server sets "
+            "these; leave them out of the request model (OWASP API3)"
+        )
+
+
+def test_every_json_list_has_a_bounded_limit(client):
+    """Guard: a list with no bounded `limit` reads a whole table (OWASP API4)."""
+    spec = client.get("/openapi.json").json()
+    for method, path, operation in served_routes(spec):
+        answers = [
+            resolved(spec, content["schema"])
+            for status, answer in operation.get("responses", {}).items()
+            if status.startswith("2")
+            for content_type, content in answer.get("content", {}).items()
+            if content_type == "application/json"
+        ]
+        kinds = {
+            choice.get("type")
+            for answer in answers
+            for choice in [answer, *answer.get("anyOf", [])]
+        }
+        if "array" not in kinds:
+            continue
+        limits = [
+            parameter
+            for parameter in operation.get("parameters", [])
+            if (parameter["in"], parameter["name"]) == ("query", "limit")
+        ]
+        limit = limits[0] if limits else {"schema": {}}
+        choices = limit["schema"].get("anyOf", [limit["schema"]])
+        # A maximum, and a value always given: a default of null reads every row.
+        given = limit.get("required") or limit["schema"].get("default") is not None
+        bounded = given and all(
+            "maximum" in choice for choice in choices if choice.get("type") != "null"
+        )
+        assert bounded, (
+            f"{method} {path} answers a JSON list without a bounded `limit`: add "
+            "`limit: Annotated[int, Query(ge=1, le=100)] = 100` and use it in the "
+            "query's LIMIT (OWASP API4)"
+        )
 
 
 # --- Settings ----------------------------------------------------------------
@@ -871,27 +1107,6 @@ def test_a_deleted_users_token_stays_dead_after_someone_registers(client, auth):
     newcomer = register(client, "bob@example.com")
     assert newcomer["id"] != 1  # ids are never reused
     assert client.get("/tasks", headers=auth).status_code == 401
-
-
-@pytest.mark.parametrize(
-    ("method", "path"),
-    [
-        ("GET", "/tasks"),
-        ("POST", "/tasks"),
-        ("GET", "/tasks/1"),
-        ("PATCH", "/tasks/1"),
-        ("PUT", "/tasks/1"),
-        ("DELETE", "/tasks/1"),
-        ("GET", "/users/me"),
-        ("DELETE", "/users/me"),
-        ("POST", "/auth/logout"),
-    ],
-)
-def test_every_private_route_needs_a_token(client, method, path):
-    response = client.request(method, path, json={"title": "t"})
-    assert response.status_code == 401
-    assert response.json() == {"detail": "Not authenticated"}
-    assert response.headers["www-authenticate"] == "Bearer"
 
 
 @pytest.mark.parametrize(
@@ -1620,24 +1835,14 @@ def test_delete_task(client, auth):
     assert client.get(f"/tasks/{task['id']}", headers=auth).status_code == 404
 
 
-@pytest.mark.parametrize(("method", "body"), BY_ID)
-def test_missing_task_is_404(client, auth, method, body):
-    response = client.request(method, "/tasks/1", json=body, headers=auth)
-    assert response.status_code == 404
-    assert response.json() == {"detail": "Task not found"}
-
-
-@pytest.mark.parametrize(("method", "body"), BY_ID)
-def test_another_users_task_does_not_exist(client, auth, method, body):
-    task = add_task(client, auth, title="Ada's")
-    intruder = log_in(client, "eve@example.com")
-    response = client.request(
-        method, f"/tasks/{task['id']}", json=body, headers=intruder
-    )
-    assert response.status_code == 404
-    assert response.json() == {"detail": "Task not found"}
-    assert client.get("/tasks", headers=intruder).json() == []
-    assert client.get(f"/tasks/{task['id']}", headers=auth).json() == task
+def test_missing_task_is_404(client, auth):
+    spec = client.get("/openapi.json").json()
+    for method, path, operation in served_routes(spec):
+        if "{task_id}" in path:
+            request = request_for(spec, method, path, operation, task_id=1)
+            response = client.request(**request, headers=auth)
+            assert response.status_code == 404, (method, path, response.text)
+            assert response.json() == {"detail": "Task not found"}
 
 
 @pytest.mark.parametrize(
@@ -2127,44 +2332,57 @@ def test_the_server_exits_on_an_old_database_and_says_what_to_do(tmp_path):
 
 
 def test_no_422_echoes_what_was_sent(client, auth):
-    sent = [
-        ("POST", "/auth/register", {"password": PASSWORD}),  # input: the whole body
-        ("POST", "/auth/register", {"email": "a@x.io", "password": "short secret"}),
-        ("POST", "/tasks", {"title": "my private title", "done": "no, private"}),
-    ]
-    for method, path, body in sent:
-        response = client.request(method, path, json=body, headers=auth)
-        assert response.status_code == 422
+    spec = client.get("/openapi.json").json()
+    task = add_task(client, auth)
+    for method, path, operation in served_routes(spec):
+        schema = body_schema(spec, operation)
+        if schema is None:
+            continue
+        request = request_for(spec, method, path, operation, task["id"])
+        json_or_form = "json" if "json" in request else "data"
+        # Each field of the wrong type (a list; a form's are all text), and the
+        # first required one missing: its problem's input would be the whole body.
+        sent = {
+            name: ["never echoed"] if json_or_form == "json" else "never echoed"
+            for name in schema.get("properties", {})
+        }
+        sent.pop(next(iter(schema.get("required", [])), None), None)
+        request[json_or_form] = sent
+        response = client.request(**request, headers=auth)
+        assert response.status_code == 422, (method, path, response.text)
         assert all("input" not in problem for problem in response.json()["detail"])
-        for value in body.values():
-            assert value not in response.text
+        assert "never echoed" not in response.text, (method, path)
 
 
-@pytest.mark.parametrize(
-    ("method", "path", "content_type"),
-    [
-        ("POST", "/auth/register", "application/json"),
-        ("POST", "/auth/token", "application/json"),
-        ("POST", "/auth/token", "application/x-www-form-urlencoded"),
-        ("POST", "/auth/token", "multipart/form-data; boundary=x"),
-        ("GET", "/users/me", "application/json"),
-        ("POST", "/tasks", "application/json"),
-        ("GET", "/tasks", "application/json"),
-        ("PATCH", "/tasks/1", "application/json"),
-        ("PUT", "/tasks/1", "application/json"),
-        ("GET", "/health", "text/plain"),
-    ],
-)
-def test_a_body_over_64_kib_is_413_on_every_route(
-    client, auth, method, path, content_type
-):
-    add_task(client, auth)
-    headers = auth | {"content-type": content_type}
+def test_a_body_over_64_kib_is_413_on_every_route(client, auth):
+    spec = client.get("/openapi.json").json()
+    task = add_task(client, auth)
     body = b"x" * (MAX_BODY + 1)
-    response = client.request(method, path, content=body, headers=headers)
-    assert response.status_code == 413
-    assert response.text in ("Content Too Large", '{"detail":"Content Too Large"}')
-    assert client.get("/tasks/1", headers=auth).status_code == 200  # nothing changed
+    # Those that read a body first: the others (logout, the deletes) do their work.
+    routes = sorted(
+        served_routes(spec), key=lambda route: "requestBody" not in route[2]
+    )
+    for method, path, operation in routes:
+        request = request_for(spec, method, path, operation, task["id"])
+        url, query = request["url"], request["params"]
+        for content_type in [
+            "application/json",
+            "application/x-www-form-urlencoded",
+            "multipart/form-data; boundary=x",
+            "text/plain",
+        ]:
+            headers = auth | {"content-type": content_type}
+            response = client.request(
+                method, url, params=query, content=body, headers=headers
+            )
+            assert response.status_code == 413, (method, path, content_type)
+            assert response.text in (
+                "Content Too Large",
+                '{"detail":"Content Too Large"}',
+            )
+        if "requestBody" in operation:  # nothing changed
+            stored = client.get(f"/tasks/{task['id']}", headers=auth)
+            assert stored.json() == task, (method, path)
 
 
 @pytest.mark.parametrize("path", ["/tasks/1", "/users/me"])
