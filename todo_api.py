@@ -60,8 +60,8 @@ class Settings(BaseSettings):
     """Every setting, from APP_* variables or a .env file in the working folder."""
 
     # hide_input_in_errors: a mistyped secret key is never printed back in an error.
-    # match_prefix: .env may hold other programs' variables; a mistyped APP_ one is
-    # still refused, by name.
+    # dotenv_filtering: .env may hold other programs' variables, which are ignored;
+    # a mistyped APP_ one is still refused, by name.
     model_config = SettingsConfigDict(
         env_prefix="APP_",
         env_file=".env",
@@ -85,8 +85,9 @@ settings = Settings()
 # --- Database ----------------------------------------------------------------
 # sqlite3 for a reader who knows an ORM:
 # - Autocommit (isolation_level=None below): each statement is saved as it runs, so
-#   no route calls commit(). Statements that must stand together go between
-#   BEGIN IMMEDIATE and COMMIT, as apply_schema's do.
+#   no route calls commit(). Statements that must stand together follow a BEGIN
+#   inside `with db:`, which COMMITs them at its end, or rolls them back on an
+#   error (apply_schema does so). It does not close the connection.
 # - A row comes back as a dict (row_as_dict); a route's return type validates it.
 # - `?` and `:name` are placeholders: what a client sends is bound, never run as SQL.
 # - RETURNING gives back the row a write touched; no row (None) means no match: 404.
@@ -141,9 +142,10 @@ async def get_db(request: Request) -> AsyncIterator[sqlite3.Connection]:
         pool.put_nowait(connection)
 
 
-# scope="function": the connection comes back when the route returns, before the
-# answer is sent, so a client that never reads its answer holds none. FastAPI calls
-# a dependency once per request: get_current_user and the route share the one.
+# scope="function" (FastAPI's docs: Dependencies with yield): the connection comes
+# back when the route returns, before the answer is sent, so a client that never
+# reads its answer holds none. FastAPI calls a dependency once per request:
+# get_current_user and the route share the one connection.
 DB = Annotated[sqlite3.Connection, Depends(get_db, scope="function")]
 
 
@@ -160,19 +162,21 @@ def run_script(db: sqlite3.Connection, script: str) -> None:
 
 def apply_schema(db: sqlite3.Connection) -> None:
     """Create the tables in a new file, upgrade an older one, refuse any other."""
-    with db:  # COMMIT at the end, or ROLLBACK if refused: a refused file is untouched
+    with db:
         db.execute("BEGIN IMMEDIATE")  # workers starting together take turns here
         version = db.execute("PRAGMA user_version").fetchone()["user_version"]
         tables = db.execute("SELECT count(*) AS count FROM sqlite_master").fetchone()
-        while tables["count"] and version in UPGRADES:
+        is_new = tables["count"] == 0
+        while not is_new and version in UPGRADES:  # an older file: each step in turn
             run_script(db, UPGRADES[version])
             version += 1
-        if tables["count"] and version != SCHEMA_VERSION:
+        if not is_new and version != SCHEMA_VERSION:  # rolled back: left as it was
             raise RuntimeError(
                 f"{settings.database_path} has schema version {version}, not "
                 f"{SCHEMA_VERSION}: move it away, and a new database is made at start."
             )
-        run_script(db, SCHEMA)  # IF NOT EXISTS: only what is missing; the version
+        # Create what is missing (IF NOT EXISTS); its last line sets user_version.
+        run_script(db, SCHEMA)
 
 
 def make_private(path: str) -> None:
@@ -230,13 +234,15 @@ DUMMY_HASH = hash_password("no account has this password")
 
 
 async def password_check_turn() -> AsyncIterator[None]:
-    """Hold a turn at bcrypt for as long as the route runs."""
+    """Do nothing, for as long as the route runs: max_concurrency counts it."""
     yield
 
 
 # bcrypt keeps a core busy for a quarter of a second, so at most one check per core
-# runs at once. A login waiting for its turn waits on the event loop, holding no
-# thread and no connection, so a burst of logins leaves other routes answering.
+# runs at once: Depends(max_concurrency=n) lets n requests hold this dependency and
+# the others wait on the event loop (FastAPI's docs: Advanced Dependencies). A
+# route's dependencies=[...] come before its parameters, so a login waiting for its
+# turn holds no thread and no connection, and other routes keep answering.
 PASSWORD_CHECK = Depends(
     password_check_turn, scope="function", max_concurrency=os.cpu_count() or 1
 )
@@ -269,8 +275,9 @@ def count_login_attempt(db: sqlite3.Connection, email: str) -> None:
     """Count one password check for an email, or answer 429 once too many were made."""
     now = time.time()
     window = settings.login_window_seconds
-    # A window starts at an email's first check and ends when this DELETE removes
-    # its row; stale rows go too, so logins for random emails cannot fill the table.
+    # A fixed window per email: it opens at the first check counted and lasts
+    # login_window_seconds. This DELETE closes every window that has run out, so
+    # logins for random emails cannot fill the table either.
     db.execute("DELETE FROM login_attempt WHERE window_start <= ?", (now - window,))
     # An "upsert": one statement, so concurrent attempts each get their own count.
     count_attempt = """
@@ -418,8 +425,10 @@ NOT_FOUND = {404: error("Task not found")}
 EMAIL_TAKEN = {409: error("Email already registered")}
 RETRY_AFTER = {"Retry-After": header("Whole seconds until the window ends")}
 TOO_MANY = {429: error("Too many failed logins", headers=RETRY_AFTER)}
-# Any route may answer these. A body declared over the limit, and uvicorn beyond
-# --limit-concurrency, get plain text: they are answered before the app.
+# Any route may answer these, though no route raises them: FastAPI answers 400 for
+# a body that is not UTF-8 and 413 for one over max_body_size (plain text when its
+# declared length is over); 503 is database_unavailable's, or uvicorn's own (plain
+# text) beyond --limit-concurrency.
 PLAIN_TEXT = {"text/plain": {"schema": {"type": "string"}}}
 ANY_ROUTE = {
     400: error("The body is not UTF-8"),
