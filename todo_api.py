@@ -163,7 +163,7 @@ def run_script(db: sqlite3.Connection, script: str) -> None:
 def apply_schema(db: sqlite3.Connection) -> None:
     """Create the tables in a new file, upgrade an older one, refuse any other."""
     with db:
-        db.execute("BEGIN IMMEDIATE")  # workers starting together take turns here
+        db.execute("BEGIN IMMEDIATE")  # worker processes starting at once take turns
         version = db.execute("PRAGMA user_version").fetchone()["user_version"]
         tables = db.execute("SELECT count(*) AS count FROM sqlite_master").fetchone()
         is_new = tables["count"] == 0
@@ -192,7 +192,7 @@ def use_write_ahead_log(db: sqlite3.Connection) -> None:
         try:
             db.execute("PRAGMA journal_mode = WAL")
             return
-        except sqlite3.OperationalError:  # "locked": a worker starting beside us
+        except sqlite3.OperationalError:  # "locked": a worker process beside us
             # SQLite answers this switch at once, not after the busy timeout (waiting
             # could deadlock), so wait a moment and try again.
             time.sleep(0.05)
