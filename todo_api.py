@@ -1,7 +1,8 @@
 """A task manager's API in one module; serve it with `uvicorn todo_api:app`.
 
 Read it top to bottom, in the order a request's data travels: settings, database,
-passwords and tokens, login rate limit, current user, models, routes, and the app.
+passwords and tokens, login rate limit, current user, models, the errors declared for
+/docs, routes, and the app.
 """
 
 import asyncio
@@ -60,8 +61,9 @@ class Settings(BaseSettings):
     """Every setting, from APP_* variables or a .env file in the working folder."""
 
     # hide_input_in_errors: a mistyped secret key is never printed back in an error.
-    # dotenv_filtering: .env may hold other programs' variables, which are ignored;
-    # a mistyped APP_ one is still refused, by name.
+    # dotenv_filtering="match_prefix": from .env only APP_ names are read, so another
+    # program's POSTGRES_PASSWORD is ignored, and an APP_ name that is no setting
+    # (a typo) is refused.
     model_config = SettingsConfigDict(
         env_prefix="APP_",
         env_file=".env",
@@ -97,7 +99,7 @@ SCHEMA = pathlib.Path(__file__).with_name("schema.sql").read_text()
 SCHEMA_VERSION = int(re.search(r"PRAGMA user_version = ([0-9]+)", SCHEMA)[1])
 # Upgrade steps: UPGRADES[n] is the SQL that brings a file of version n to n + 1,
 # keeping its rows. None is needed yet: the README's "Add a field, keeping your
-# data" writes one.
+# data" writes one. (Version 1 files stay refused: their hashes cannot be converted.)
 UPGRADES: dict[int, str] = {}
 MAX_ID = 2**63 - 1  # SQLite's largest integer
 # Column lists are constants that f-strings write into the SQL; what a client sends
@@ -134,7 +136,7 @@ MAX_CONNECTIONS = 40
 
 async def get_db(request: Request) -> AsyncIterator[sqlite3.Connection]:
     """Lend a connection for one request; when all are lent, wait for one."""
-    pool = request.app.state.pool
+    pool = request.app.state.pool  # an asyncio.Queue of connections, from lifespan
     connection = await pool.get()  # async: it waits on the event loop, not a thread
     try:
         yield connection
@@ -233,18 +235,18 @@ def verify_password(password: str, password_hash: bytes) -> bool:
 DUMMY_HASH = hash_password("no account has this password")
 
 
-async def password_check_turn() -> AsyncIterator[None]:
-    """Do nothing, for as long as the route runs: max_concurrency counts it."""
+async def password_check_slot() -> AsyncIterator[None]:
+    """Hold a slot for as long as the route runs; it does nothing else."""
     yield
 
 
-# bcrypt keeps a core busy for a quarter of a second, so at most one check per core
-# runs at once: Depends(max_concurrency=n) lets n requests hold this dependency and
-# the others wait on the event loop (FastAPI's docs: Advanced Dependencies). A
-# route's dependencies=[...] come before its parameters, so a login waiting for its
-# turn holds no thread and no connection, and other routes keep answering.
+# A semaphore for bcrypt, which keeps a core busy for a quarter of a second: at most
+# one check per core runs at once. Depends(max_concurrency=n) lets n requests hold
+# this dependency and makes the others wait on the event loop (FastAPI's docs:
+# Advanced Dependencies). A route's dependencies=[...] come before its parameters,
+# so a login waiting for a slot holds no thread and no connection.
 PASSWORD_CHECK = Depends(
-    password_check_turn, scope="function", max_concurrency=os.cpu_count() or 1
+    password_check_slot, scope="function", max_concurrency=os.cpu_count() or 1
 )
 
 
@@ -401,8 +403,10 @@ class Task(BaseModel):
 TASK_COLUMNS = ", ".join(Task.model_fields)
 
 
-# Every error a route can answer is declared (responses=), so that a generated client
-# types each one it gets; the routes raise them. Each JSON error but 422 is a Message.
+# --- Declared errors, for /docs ----------------------------------------------
+# Every error a route can answer is declared (responses=), so that /docs shows it and
+# a generated client types it. This shapes only /openapi.json: a first read may
+# skip to the routes. Each JSON error but 422 is a Message.
 class Message(BaseModel):
     detail: str
 
