@@ -336,8 +336,8 @@ CurrentUser = Annotated[dict, Depends(get_current_user)]
 def normalize_email(address: str) -> str:
     """Give every spelling of an address one form: email-validator's, case-folded."""
     email = validate_email(address, check_deliverability=False)
-    # casefold(), not lower(): ΝΙΚΟΣ and νικος are one name (a final sigma). NFC
-    # again: folding can leave a letter and its accent as two code points.
+    # casefold(), not lower(): ΝΙΚΟΣ and νικος are one name (final sigma).
+    # NFC again: folding can leave a letter and its accent as two code points.
     local_part = unicodedata.normalize("NFC", email.local_part.casefold())
     return f"{local_part}@{email.domain}"  # the domain: IDNA's form, lower-case
 
