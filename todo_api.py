@@ -2,7 +2,7 @@
 
 Read it top to bottom, in the order a request's data travels: settings, database,
 passwords and tokens, login rate limit, current user, models, the errors declared for
-/docs, routes, and the app.
+/docs, routes, startup, and the app.
 """
 
 import asyncio
@@ -89,18 +89,13 @@ settings = Settings()
 # - Autocommit (isolation_level=None below): each statement is saved as it runs, so
 #   no route calls commit(). Statements that must stand together follow a BEGIN
 #   inside `with db:`, which COMMITs them at its end, or rolls them back on an
-#   error (apply_schema does so). It does not close the connection.
+#   error (apply_schema, under Startup, does so). It does not close the connection.
 # - A row comes back as a dict (row_as_dict); a route's return type validates it.
 # - `?` and `:name` are placeholders: what a client sends is bound, never run as SQL.
 # - RETURNING gives back the row a write touched; no row (None) means no match: 404.
-# At startup, lifespan (at the end of the module) applies the schema and opens the
-# pool of connections, app.state.pool, that get_db lends to each request.
-SCHEMA = pathlib.Path(__file__).with_name("schema.sql").read_text()
-SCHEMA_VERSION = int(re.search(r"PRAGMA user_version = ([0-9]+)", SCHEMA)[1])
-# Upgrade steps: UPGRADES[n] is the SQL that brings a file of version n to n + 1,
-# keeping its rows. None is needed yet: the README's "Add a field, keeping your
-# data" writes one. (Version 1 files stay refused: their hashes cannot be converted.)
-UPGRADES: dict[int, str] = {}
+# At startup, lifespan (at the end of the module) checks the file and applies
+# schema.sql (see Startup), then opens app.state.pool: the connections that get_db
+# lends to each request.
 MAX_ID = 2**63 - 1  # SQLite's largest integer
 # Column lists are constants that f-strings write into the SQL; what a client sends
 # only ever goes through placeholders.
@@ -151,56 +146,6 @@ async def get_db(request: Request) -> AsyncIterator[sqlite3.Connection]:
 DB = Annotated[sqlite3.Connection, Depends(get_db, scope="function")]
 
 
-def run_script(db: sqlite3.Connection, script: str) -> None:
-    """Run an SQL script's statements one by one, inside the open transaction."""
-    # Not executescript(): it would COMMIT first, ending the transaction.
-    statement = ""
-    for line in script.splitlines(keepends=True):
-        statement += line
-        if sqlite3.complete_statement(statement):  # it ends with a `;`
-            db.execute(statement)
-            statement = ""
-
-
-def apply_schema(db: sqlite3.Connection) -> None:
-    """Create the tables in a new file, upgrade an older one, refuse any other."""
-    with db:
-        db.execute("BEGIN IMMEDIATE")  # worker processes starting at once take turns
-        version = db.execute("PRAGMA user_version").fetchone()["user_version"]
-        tables = db.execute("SELECT count(*) AS count FROM sqlite_master").fetchone()
-        is_new = tables["count"] == 0
-        while not is_new and version in UPGRADES:  # an older file: each step in turn
-            run_script(db, UPGRADES[version])
-            version += 1
-        if not is_new and version != SCHEMA_VERSION:  # rolled back: left as it was
-            raise RuntimeError(
-                f"{settings.database_path} has schema version {version}, not "
-                f"{SCHEMA_VERSION}: move it away, and a new database is made at start."
-            )
-        # Create what is missing (IF NOT EXISTS); its last line sets user_version.
-        run_script(db, SCHEMA)
-
-
-def make_private(path: str) -> None:
-    """Let only the owner read the database files: they hold every password hash."""
-    for name in (path, f"{path}-wal", f"{path}-shm"):
-        with suppress(FileNotFoundError):
-            os.chmod(name, 0o600)
-
-
-def use_write_ahead_log(db: sqlite3.Connection) -> None:
-    """Switch the file to WAL, where readers never wait for a writer; it stays so."""
-    for _ in range(100):
-        try:
-            db.execute("PRAGMA journal_mode = WAL")
-            return
-        except sqlite3.OperationalError:  # "locked": a worker process beside us
-            # SQLite answers this switch at once, not after the busy timeout (waiting
-            # could deadlock), so wait a moment and try again.
-            time.sleep(0.05)
-    raise RuntimeError(f"{settings.database_path} stayed locked: is it in use?")
-
-
 # --- Passwords and tokens ----------------------------------------------------
 # Before bcrypt sees a password, prehash() takes three steps:
 # 1. NFKC: the same password typed on another keyboard becomes the same text.
@@ -248,18 +193,6 @@ async def password_check_slot() -> AsyncIterator[None]:
 PASSWORD_CHECK = Depends(
     password_check_slot, scope="function", max_concurrency=os.cpu_count() or 1
 )
-
-
-def signing_key(db: sqlite3.Connection) -> str:
-    """Return APP_SECRET_KEY, or else the key kept in the database (at startup)."""
-    key = settings.secret_key.get_secret_value()
-    if key:
-        return key
-    # The first worker process ever to start stores its key; every other reads it.
-    insert = "INSERT OR IGNORE INTO signing_key (id, secret) VALUES (1, ?)"
-    db.execute(insert, (secrets.token_urlsafe(32),))
-    logger.warning("APP_SECRET_KEY unset: using the key kept in the database")
-    return db.execute("SELECT secret FROM signing_key").fetchone()["secret"]
 
 
 def create_access_token(key: str, user_id: int, version: int) -> str:
@@ -398,8 +331,9 @@ class Task(BaseModel):
 
 
 # Task's fields are the columns the task queries read. A new field needs its column
-# in schema.sql and a new user_version there (old files lack the column), the three
-# models, and the SQL of add_task, edit_task and replace_task.
+# in schema.sql with a new user_version, an upgrade step (UPGRADES) for files that
+# lack it, the three models, and the SQL of add_task, edit_task and replace_task:
+# the README's "Add a field, keeping your data" walks through all of it.
 TASK_COLUMNS = ", ".join(Task.model_fields)
 
 
@@ -643,6 +577,80 @@ def delete_task(task_id: TaskId, user: CurrentUser, db: DB) -> None:
         RETURNING id
     """
     found(db.execute(delete, (task_id, user["id"])).fetchone())
+
+
+# --- Startup: the database file and the signing key --------------------------
+# lifespan (below) runs these once, before the first request; a first read may skim
+# them and come back when it adds a field.
+SCHEMA = pathlib.Path(__file__).with_name("schema.sql").read_text()
+SCHEMA_VERSION = int(re.search(r"PRAGMA user_version = ([0-9]+)", SCHEMA)[1])
+# Upgrade steps: UPGRADES[n] is the SQL that brings a file of version n to n + 1,
+# keeping its rows. None is needed yet: the README's "Add a field, keeping your
+# data" writes one. (Version 1 files stay refused: their hashes cannot be converted.)
+UPGRADES: dict[int, str] = {}
+
+
+def run_script(db: sqlite3.Connection, script: str) -> None:
+    """Run an SQL script's statements one by one, inside the open transaction."""
+    # Not executescript(): it would COMMIT first, ending the transaction.
+    statement = ""
+    for line in script.splitlines(keepends=True):
+        statement += line
+        if sqlite3.complete_statement(statement):  # a `;` outside quotes, comments
+            db.execute(statement)
+            statement = ""
+
+
+def apply_schema(db: sqlite3.Connection) -> None:
+    """Create the tables in a new file, upgrade an older one, refuse any other."""
+    with db:
+        db.execute("BEGIN IMMEDIATE")  # worker processes starting at once take turns
+        version = db.execute("PRAGMA user_version").fetchone()["user_version"]
+        tables = db.execute("SELECT count(*) AS count FROM sqlite_master").fetchone()
+        is_new = tables["count"] == 0
+        while not is_new and version in UPGRADES:  # an older file: each step in turn
+            run_script(db, UPGRADES[version])
+            version += 1
+        if not is_new and version != SCHEMA_VERSION:  # rolled back: left as it was
+            raise RuntimeError(
+                f"{settings.database_path} has schema version {version}, not "
+                f"{SCHEMA_VERSION}: move it away, and a new database is made at start."
+            )
+        # Create what is missing (IF NOT EXISTS); its last line sets user_version.
+        run_script(db, SCHEMA)
+
+
+def make_private(path: str) -> None:
+    """Let only the owner read the database files: they hold every password hash."""
+    # SQLite gives a new -wal or -shm file the main file's mode; an old one may differ.
+    for name in (path, f"{path}-wal", f"{path}-shm"):
+        with suppress(FileNotFoundError):
+            os.chmod(name, 0o600)
+
+
+def use_write_ahead_log(db: sqlite3.Connection) -> None:
+    """Switch the file to WAL, where readers never wait for a writer; it stays so."""
+    for _ in range(100):
+        try:
+            db.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError:  # "locked": a worker process beside us
+            # SQLite answers this switch at once, not after the busy timeout (waiting
+            # could deadlock), so wait a moment and try again.
+            time.sleep(0.05)
+    raise RuntimeError(f"{settings.database_path} stayed locked: is it in use?")
+
+
+def signing_key(db: sqlite3.Connection) -> str:
+    """Return APP_SECRET_KEY, or else the key kept in the database (at startup)."""
+    key = settings.secret_key.get_secret_value()
+    if key:
+        return key
+    # The first worker process ever to start stores its key; every other reads it.
+    insert = "INSERT OR IGNORE INTO signing_key (id, secret) VALUES (1, ?)"
+    db.execute(insert, (secrets.token_urlsafe(32),))
+    logger.warning("APP_SECRET_KEY unset: using the key kept in the database")
+    return db.execute("SELECT secret FROM signing_key").fetchone()["secret"]
 
 
 # --- The application ---------------------------------------------------------
